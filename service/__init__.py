@@ -1,0 +1,3 @@
+"""The extrapolation service (FastAPI). Built in a later issue."""
+
+__version__ = "0.1.0"
