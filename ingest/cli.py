@@ -24,13 +24,15 @@ def _fail(msg: str) -> None:
 def build(
     raw: Annotated[list[Path], typer.Argument(help="Raw ERA5 netCDF/GRIB files.")],
     out: Annotated[Path, typer.Option("--out", help="Store directory (created or extended).")],
-    stats: Annotated[str, typer.Option(help="'train' (train-year statistics) or 'reference'.")] = "train",
+    stats: Annotated[Optional[str], typer.Option(
+        help="'train' (train-year statistics, the default for a new store) or 'reference'.")] = None,
     block: Annotated[int, typer.Option(help="Maps read per block (memory bound).")] = 512,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Build (or extend) a store from raw ERA5 files; files already in it are skipped."""
     try:
-        m = build_store(raw, out, settings=BuildSettings(stats=stats, block=block), progress=not quiet)
+        settings = BuildSettings(stats=stats, block=block) if stats else None
+        m = build_store(raw, out, settings=settings, progress=not quiet)
     except (LayoutError, StoreError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"{out}: {len(m['sources'])} source file(s), maps per split {m['maps_per_split']}")

@@ -161,8 +161,8 @@ def canonicalize(obj: xr.Dataset | str | Path, *, source: str | None = None,
     ds = open_raw(obj, chunks) if isinstance(obj, (str, Path)) else obj
     ds = _rename_variables(ds, src)
     ds = _canonical_time(ds, src)
-    ds = _drop_extras(ds, src)
     ds = _canonical_grid(ds, src)
+    ds = _drop_extras(ds, src)
     ds = _canonical_units(ds, src)
     for n in NAMES:
         extra_dims = set(ds[n].dims) - {"time", "latitude", "longitude"}
