@@ -1,0 +1,150 @@
+"""The FlowNP velocity model v(t, y_t | context) on normalised tensors.
+
+Shapes: xc (B, n_ctx, x_dim), yc (B, n_ctx, y_dim), xt (B, n_tgt, x_dim), yt (B, n_tgt, y_dim),
+t (B, n_tgt) per target point (or (B,) / a float, broadcast). Output: velocity (B, n_tgt, y_dim).
+Tokens: [enc(x), enc(t), y]; context tokens use t = 1 and the clean values (PROTOCOL 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flownp.config import ModelConfig
+from flownp.encoding import Sinusoidal, geometric_freqs, reference_freqs
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class CachedBlock(nn.Module):
+    """Post-LN transformer block whose context pass is independent of the targets."""
+
+    def __init__(self, d: int, heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.ReLU(), nn.Linear(d_ff, d))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, d = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (B, heads, n, d_head)
+
+    def _finish(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = a.shape
+        h = self.ln1(h + self.proj(a.transpose(1, 2).reshape(b, n, -1)))
+        return self.ln2(h + self.ff(h))
+
+    def context(self, hc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context tokens attend to the context: -> (next hc, keys, values) of this layer."""
+        q, k, v = self._split(hc)
+        return self._finish(hc, F.scaled_dot_product_attention(q, k, v)), k, v
+
+    def target(self, ht: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, joint: bool) -> torch.Tensor:
+        """Target tokens attend to the cached context keys/values and (joint) to each other or
+        (independent) only to themselves."""
+        q, k, v = self._split(ht)
+        if joint:
+            a = F.scaled_dot_product_attention(q, torch.cat([kc, k], 2), torch.cat([vc, v], 2))
+        else:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+            s_c = (q @ kc.transpose(-1, -2)) * scale          # (B, h, nt, nc)
+            s_s = (q * k).sum(-1, keepdim=True) * scale       # (B, h, nt, 1)
+            m = torch.maximum(s_c.amax(-1, keepdim=True), s_s).detach()
+            e_c, e_s = (s_c - m).exp(), (s_s - m).exp()
+            z = e_c.sum(-1, keepdim=True) + e_s
+            a = (e_c @ vc + e_s * v) / z
+        return self._finish(ht, a)
+
+
+@dataclass
+class Context:
+    """What a solve reuses at every step: embedded context tokens, and for arch='cached' the per-layer
+    keys/values. Shapes (B, n_ctx, d) and per layer (B, heads, n_ctx, d_head)."""
+
+    xc: torch.Tensor
+    yc: torch.Tensor
+    tokens: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def repeat(self, n: int) -> "Context":
+        """The same context for n samples per task: batch B -> B * n (sample index fastest)."""
+        r = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
+        kv = [(r(k), r(v)) for k, v in self.kv] if self.kv is not None else None
+        return Context(r(self.xc), r(self.yc), r(self.tokens), kv)
+
+
+class FlowNP(nn.Module):
+    """Velocity field of the conditional flow from N(0, I) (t = 0) to the targets (t = 1)."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or ModelConfig()
+        if c.encoding == "reference":
+            self.enc_x = Sinusoidal(reference_freqs(c.n_freqs))
+            self.enc_t = Sinusoidal(reference_freqs(c.n_freqs))
+        else:
+            self.enc_x = Sinusoidal(geometric_freqs(c.space_freqs, c.space_max_log2))
+            self.enc_t = Sinusoidal(geometric_freqs(c.time_freqs, c.time_freqs - 3.0))
+        n_in = c.x_dim * self.enc_x.out_per_scalar + self.enc_t.out_per_scalar + c.y_dim
+        self.embed = _mlp([n_in] + [c.embed_hidden] * (c.embed_layers - 1) + [c.d_model])
+        if c.arch == "reference":
+            layer = nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff, dropout=0.0, batch_first=True,
+                                               norm_first=False)
+            self.encoder = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
+        else:
+            self.blocks = nn.ModuleList(CachedBlock(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
+        self.head = _mlp([c.d_model, c.head_hidden, c.y_dim])
+
+    @property
+    def joint(self) -> bool:
+        return self.config.targets == "joint"
+
+    def _tokens(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        feats = [self.enc_x(x), self.enc_t(t.unsqueeze(-1)), y]
+        return self.embed(torch.cat(feats, dim=-1))
+
+    def encode_context(self, xc: torch.Tensor, yc: torch.Tensor) -> Context:
+        """Work that depends on the context only; reused for every step and sample of a solve."""
+        tokens = self._tokens(xc, yc, torch.ones(yc.shape[:-1], dtype=yc.dtype, device=yc.device))
+        if self.config.arch == "reference":
+            return Context(xc, yc, tokens)
+        kv, h = [], tokens
+        for blk in self.blocks:
+            h, k, v = blk.context(h)
+            kv.append((k, v))
+        return Context(xc, yc, tokens, kv)
+
+    def velocity(self, ctx: Context, xt: torch.Tensor, yt: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """v(t, yt | context): (B, n_tgt, y_dim)."""
+        t = torch.as_tensor(t, dtype=yt.dtype, device=yt.device)
+        t = t.reshape(t.shape + (1,) * (2 - t.dim())).expand(yt.shape[:-1]) if t.dim() < 2 else t
+        ht = self._tokens(xt, yt, t)
+        if self.config.arch == "reference":
+            h = self.encoder(torch.cat([ctx.tokens, ht], dim=1))[:, ctx.tokens.shape[1]:]
+        else:
+            h = ht
+            for blk, (k, v) in zip(self.blocks, ctx.kv):
+                h = blk.target(h, k, v, self.joint)
+        return self.head(h)
+
+    def forward(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
+                t: torch.Tensor | float) -> torch.Tensor:
+        return self.velocity(self.encode_context(xc, yc), xt, yt, t)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
