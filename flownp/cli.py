@@ -1,8 +1,19 @@
-"""`flownp` command line (pretrain, finetune, evaluate arrive with the FlowNP issues)."""
+"""`flownp` command line: pretrain and evaluate (fine-tuning arrives with its issue)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="FlowNP model jobs.", no_args_is_help=True)
+app = typer.Typer(help="FlowNP model jobs.", no_args_is_help=True, add_completion=False)
+
+
+def _range(spec: str) -> tuple[int, int]:
+    lo, _, hi = spec.partition("-")
+    return int(lo), int(hi or lo)
 
 
 @app.command()
@@ -11,3 +22,83 @@ def version() -> None:
     from flownp import __version__
 
     typer.echo(__version__)
+
+
+@app.command()
+def pretrain(
+    data: Annotated[Path, typer.Option("--data", help="Store directory (flownp-ingest build).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Tasks per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 100,
+    n_ctx: Annotated[str, typer.Option(help="Context size range MIN-MAX.")] = "2-1199",
+    n_tgt: Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")] = None,
+    arch: Annotated[str, typer.Option(help="cached or reference.")] = "cached",
+    targets: Annotated[str, typer.Option(help="joint or independent.")] = "joint",
+    encoding: Annotated[str, typer.Option(help="lowfreq or reference.")] = "lowfreq",
+    d_model: Annotated[int, typer.Option(help="Transformer width.")] = 64,
+    n_layers: Annotated[int, typer.Option(help="Transformer layers.")] = 6,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")] = 200,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Pretrain FlowNP by conditional flow matching on a store's train split."""
+    from flownp.config import ModelConfig
+    from flownp.train import TrainConfig, pretrain as run
+
+    lo, hi = _range(n_ctx)
+    try:
+        mcfg = ModelConfig(arch=arch, targets=targets, encoding=encoding, d_model=d_model, n_layers=n_layers,
+                           d_ff=2 * d_model, embed_hidden=d_model)
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, n_ctx_min=lo,
+                           n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, ckpt_every=ckpt_every)
+        last = run(data, out, mcfg, tcfg, resume=resume, progress=not quiet)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    typer.echo(json.dumps({"out": str(out), **last}))
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint (.pt).")],
+    data: Annotated[Path, typer.Option("--data", help="Store directory.")],
+    split: Annotated[str, typer.Option(help="valid or test.")] = "test",
+    eval_set: Annotated[Optional[Path], typer.Option(help="Frozen set (flownp-ingest eval-set).")] = None,
+    n_tasks: Annotated[int, typer.Option(help="Seeded subset size when no --eval-set.")] = 32,
+    n_ctx: Annotated[str, typer.Option(help="Context size range when no --eval-set.")] = "950-1000",
+    seed: Annotated[int, typer.Option(help="Seed (task draw, probes, samples).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Tasks per batch.")] = 8,
+    samples: Annotated[int, typer.Option(help="Samples per task for RMSE/CRPS/coverage (0: none).")] = 16,
+    ll_solver: Annotated[str, typer.Option(help="Likelihood solver, e.g. midpoint:100, rk4:32, dopri5:1e-5.")] = "midpoint:100",
+    sample_solver: Annotated[str, typer.Option(help="Sampling solver, e.g. euler:16.")] = "euler:16",
+    probes: Annotated[int, typer.Option(help="Hutchinson probes.")] = 1,
+    baseline: Annotated[Optional[list[str]], typer.Option(help="Also evaluate: idw, gp.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of one task (truth, mean, std, sample).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Evaluate a checkpoint on a frozen evaluation set (and the oracle on synthetic data)."""
+    from flownp.evaluate import evaluate_checkpoint
+
+    try:
+        res = evaluate_checkpoint(str(checkpoint), str(data), split=split,
+                                  eval_set=str(eval_set) if eval_set else None, n_tasks=n_tasks,
+                                  n_ctx=_range(n_ctx), seed=seed, batch_size=batch_size, n_samples=samples,
+                                  ll_solver=ll_solver, sample_solver=sample_solver, n_probes=probes,
+                                  baselines=tuple(baseline or ()), plot=str(plot) if plot else None,
+                                  progress=not quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    for key in ("flownp", "flownp_exact", "oracle", *(baseline or ())):
+        if key in res:
+            r = res[key]
+            typer.echo(f"{r['predictor']['name']:>22}: tar_ll {r['tar_ll']:8.3f} nats/point "
+                       f"({r['predictor']['ll_kind']}), rmse {r.get('rmse', {})}")

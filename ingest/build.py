@@ -209,6 +209,28 @@ def _ingest_file(raw: Path, sha: str, store: Path, m: dict[str, Any], settings: 
     }
 
 
+SYNTHETIC_MANIFEST = "gp_weather_manifest.json"
+
+
+def _record_synthetic(raw: Path, sha: str, m: dict[str, Any]) -> None:
+    """If `raw` was written by `flownp-ingest synthesize`, record the law it was drawn from, so that
+    evaluation can compute the exact oracle. Mixing laws (or synthetic and real files) is refused."""
+    import json
+
+    side = raw.parent / SYNTHETIC_MANIFEST
+    law = None
+    if side.exists():
+        d = json.loads(side.read_text())
+        entry = d.get("files", {}).get(raw.name, {})
+        if d.get("kind") == "gp_weather" and entry.get("sha256") == sha:
+            law = {"kind": "gp_weather", "config": d["config"], "region": d.get("region", m["region"])}
+    if not m["sources"]:
+        m["synthetic"] = law
+    elif m.get("synthetic") != law:
+        raise StoreError(f"{raw}: mixes {'synthetic' if law else 'real'} data into a store of "
+                         f"{'synthetic' if m.get('synthetic') else 'real'} data (or another synthetic law)")
+
+
 def build_store(raw_files: Iterable[str | Path], out: str | Path, *, settings: BuildSettings | None = None,
                 split: YearSplit = PROTOCOL_SPLIT, region: Region = MEMPHIS,
                 progress: bool = True) -> dict[str, Any]:
@@ -242,6 +264,7 @@ def build_store(raw_files: Iterable[str | Path], out: str | Path, *, settings: B
         todo.append((f, sha))
         known.add(sha)
     for f, sha in tqdm(todo, desc="build", unit="file", disable=not progress):
+        _record_synthetic(f, sha, m)
         res = _ingest_file(f, sha, out, m, settings, region)
         m["sources"].append(res["entry"])
         by_year = m["statistics"]["by_year"]

@@ -118,7 +118,19 @@ def demo(
     idx = es.map_index(times)
     ll = [gp.oracle_log_likelihood(es.perm[i, :n].astype(int), values[idx[i], es.perm[i, :n]],
                                    es.perm[i, n:].astype(int), values[idx[i], es.perm[i, n:]],
-                                   s.normalizer).per_point
+                                   s.normalizer).tar_ll
           for i, n in enumerate(es.n_ctx)]
     typer.echo(f"oracle tar_ll on {len(es)} test tasks (n_ctx 950-1000, normalised units, store "
                f"normaliser): {np.mean(ll):.3f} nats per target point")
+
+
+def _register() -> None:
+    """Commands whose code lives beside what it drives."""
+    from ingest.cds import download_cli
+    from ingest.synthetic import synthesize_cli
+
+    app.command("download", help="Download ERA5 from the Copernicus Climate Data Store (cdsapi).")(download_cli)
+    app.command("synthesize", help="Write synthetic GP weather as ERA5-layout netCDF files.")(synthesize_cli)
+
+
+_register()

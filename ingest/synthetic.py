@@ -184,10 +184,6 @@ class _Term:
     a_lon: np.ndarray | None
 
 
-def _apply(a: np.ndarray | None, m: np.ndarray) -> np.ndarray:
-    return m if a is None else a @ m
-
-
 def _sandwich(a: np.ndarray | None, k: np.ndarray, b: np.ndarray | None) -> np.ndarray:
     """A K B^T with None meaning the identity."""
     out = k if a is None else a @ k
@@ -363,8 +359,9 @@ class GPWeather:
     def covariance(self, points: Any) -> np.ndarray:
         """(4n, 4n) exact covariance at circle points `points`, point-major (row 4 k + v)."""
         p = self._points(points)
-        cov = self.circle_covariance[p][:, :, p]
-        return cov.reshape(4 * p.size, 4 * p.size)
+        rows = (4 * p[:, None] + np.arange(4)).reshape(-1)
+        full = self.circle_covariance.reshape(4 * self.region.n_points, 4 * self.region.n_points)
+        return full[np.ix_(rows, rows)]
 
     def marginal_std(self) -> np.ndarray:
         """(P, 4) exact marginal std of every variable at every circle point."""
@@ -393,16 +390,19 @@ class GPWeather:
         for k, s in enumerate(self.SOURCES):
             l_lat, l_lon = self._sqrt[s]
             fields_[s] = self._right(self._left(l_lat, np.ascontiguousarray(z[:, k])), l_lon)
-        out = eps * self._noise
-        out += self.grid_mean
+        out = np.empty((4,) + z.shape[:1] + z.shape[2:])  # variable-first while accumulating
         for v, terms in enumerate(self._terms):
+            acc = out[v]
+            acc[...] = self.grid_mean[..., v]
             for t in terms:
                 f = fields_[t.source]
                 if t.a_lat is not None:
                     f = self._left(t.a_lat, f)
                 if t.a_lon is not None:
                     f = self._right(f, t.a_lon)
-                out[..., v] += t.coef * f
+                acc += t.coef * f
+        out = np.moveaxis(out, 0, -1)
+        out += eps * self._noise
         return out
 
     def sample_sequence(self, hours: Sequence[float] | np.ndarray, seed: SeedLike = None, *,
@@ -565,12 +565,13 @@ _GRIB = {"sp": (134, "sp"), "t2m": (167, "2t"), "u10": (165, "10u"), "v10": (166
 
 
 def _pack_params(values: np.ndarray) -> tuple[float, float]:
-    """int16 scale_factor/add_offset as the old CDS wrote them: (max - min) / (2^16 - 2), centre."""
+    """int16 (scale_factor, add_offset) in the old-CDS style, spanning the data with 65533 steps so
+    that packed values lie in -32766..32767 and never hit the _FillValue -32767."""
     lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-    scale = (hi - lo) / (2 ** 16 - 2)
-    if scale == 0.0:
+    scale = (hi - lo) / 65533.0
+    if not scale > 0.0:
         scale = 1.0
-    return scale, (hi + lo) / 2.0
+    return scale, lo + 32766.0 * scale
 
 
 def write_era5_netcdf(maps: np.ndarray, times: Any, path: str | Path, *,
@@ -804,7 +805,7 @@ def synthesize_cli(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     t0 = _time.perf_counter()
-    paths = synthesize(out, ys, months=ms, days=ds, hours=hs, seed=seed, layout=layout,  # type: ignore[arg-type]
-                       packed=packed, progress=progress)
+    paths = synthesize(out, ys, months=ms, days=ds, hours=hs, seed=seed,
+                       layout=layout, packed=packed, progress=progress)  # type: ignore[arg-type]
     typer.echo(f"wrote {len(paths)} file(s) to {out} in {_time.perf_counter() - t0:.1f} s "
                f"(manifest {Path(out) / MANIFEST_NAME})")

@@ -21,13 +21,14 @@ layout: dimension ``valid_time``, scalar coordinate ``number``, coordinate ``exp
 ``sp`` [Pa], ``u10``, ``v10`` [m s-1]; only the requested times that exist in the calendar.
 
 Failure injection (attributes of :class:`FakeCDS`, change them at any time):
-``refuse`` (a predicate on the request, answered 400 with ``refuse_title``/``refuse_detail``),
-``submit_errors`` (500 on the next N submissions), ``fail_transfers`` (the next N downloads send
-the full Content-Length, part of the bytes, then drop the connection), ``corrupt_files`` (the next
-N jobs serve a truncated file whose advertised size matches the truncated bytes, so only content
-verification can catch it), ``fail_jobs`` (the next N jobs end ``failed``), ``running_polls``
-(status polls answered ``running`` before ``successful``; each costs the client a 1 s sleep),
-``zip_results`` (answer with a zip of two netCDF members, as the CDS does for mixed step types).
+``refuse`` (a predicate on the request, answered ``refuse_status`` (400) with ``refuse_title`` and
+``refuse_detail``), ``submit_errors`` (500 on the next N submissions), ``fail_transfers`` (the next N
+downloads send the full Content-Length, the share ``cut_fraction`` of the bytes, then drop the
+connection), ``corrupt_files`` (the next N jobs serve a truncated file whose advertised size matches
+the truncated bytes, so only content verification can catch it), ``fail_jobs`` (the next N jobs end
+``failed``), ``running_polls`` (status polls answered ``running`` before ``successful``; each costs
+the client a 1 s sleep), ``zip_results`` (answer with a zip of two netCDF members, as the CDS does
+for mixed step types).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class FakeCDS:
     refuse_detail: str = "Request has not produced a valid combination of values, please check your selection."
     submit_errors: int = 0
     fail_transfers: int = 0
+    cut_fraction: float = 1 / 3  # share of the bytes a failing transfer sends before dropping
     corrupt_files: int = 0
     fail_jobs: int = 0
     running_polls: int = 0
@@ -433,7 +435,7 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         if self.cds._take("fail_transfers"):
-            self.wfile.write(payload[: max(1, len(payload) // 3)])
+            self.wfile.write(payload[: max(1, int(len(payload) * self.cds.cut_fraction))])
             self.wfile.flush()
             self.close_connection = True
             try:

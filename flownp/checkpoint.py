@@ -1,0 +1,57 @@
+"""Self-describing checkpoints: plain dicts that rebuild the model and load with weights_only=True.
+
+Contents: kind, format version, model config (dict), weights, EMA weights, optimizer and scheduler
+state, step, train config (dict), normaliser (dict), region (dict), the store manifest's sha256,
+versions (package, torch), and free-form `extra` (e.g. the base checkpoint of a fine-tune).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flownp import __version__
+from flownp.config import ModelConfig
+from flownp.model import FlowNP
+
+FORMAT = "flownp-weather-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` (plain types and tensors only) atomically: temporary name, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "versions": {"flownp_weather": __version__, "torch": str(torch.__version__)}, **payload}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(full, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True (no code runs). Raises ValueError for a foreign file."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {ckpt['format_version']} is newer than this code")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True) -> FlowNP:
+    """Rebuild the model from what the checkpoint stores (EMA weights when present and asked for)."""
+    model = FlowNP(ModelConfig.from_dict(ckpt["model_config"]))
+    state = ckpt.get("ema") if ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,289 @@
+"""Evaluation on a frozen set of tasks: tar_ll (as the protocol defines it, and with the exact trace
+where the model allows it), RMSE of the sample mean, CRPS and interval coverage in physical units, the
+oracle's tar_ll on synthetic data and the gap to it. Every predictor (FlowNP and the baselines) goes
+through the same code on the same batches.
+
+Units: log-likelihoods in nats per target point (4 variables summed) in normalised units unless a key
+says `physical`; RMSE and CRPS per variable in kPa, degC, m/s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+
+from flownp.likelihood import log_likelihood
+from flownp.sampling import sample
+from flownp.solvers import SolverConfig
+from ingest.normalize import Normalizer
+from ingest.tasks import TaskBatch
+from ingest.variables import NAMES
+
+
+class Predictor(Protocol):
+    """What `evaluate_predictor` needs. log_likelihood: (B,) nats of the whole target set of each
+    task, normalised units; `ll_kind` says if that is a joint density or a sum of per-point marginals."""
+
+    name: str
+    ll_kind: str
+
+    def log_likelihood(self, batch: TaskBatch) -> torch.Tensor: ...
+
+    def sample(self, batch: TaskBatch, n: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class FlowNPPredictor:
+    """A FlowNP model with its likelihood and sampling solvers."""
+
+    model: Any
+    ll_solver: SolverConfig = field(default_factory=lambda: SolverConfig("midpoint", 100))
+    sample_solver: SolverConfig = field(default_factory=lambda: SolverConfig("euler", 16))
+    estimator: str = "hutchinson"
+    n_probes: int = 1
+    seed: int = 0
+    name: str = "FlowNP"
+    ll_kind: str = "joint"
+    last_spread: torch.Tensor | None = None
+
+    def log_likelihood(self, batch: TaskBatch) -> torch.Tensor:
+        res = log_likelihood(self.model, batch.xc, batch.yc, batch.xt, batch.yt, solver=self.ll_solver,
+                             estimator=self.estimator, n_probes=self.n_probes, seed=self.seed)
+        self.last_spread = res.spread
+        self.last_estimator = res.estimator
+        return res.joint
+
+    def sample(self, batch: TaskBatch, n: int, generator: torch.Generator) -> torch.Tensor:
+        return sample(self.model, batch.xc, batch.yc, batch.xt, n_samples=n, solver=self.sample_solver,
+                      generator=generator).samples
+
+    def describe(self) -> dict[str, Any]:
+        est = "exact-blocks" if self.estimator == "auto" and self.model.config.targets == "independent" \
+            else self.estimator
+        return {"name": self.name, "ll_kind": self.ll_kind, "estimator": est, "n_probes": self.n_probes,
+                "probe_seed": self.seed, "ll_solver": self.ll_solver.describe(),
+                "sample_solver": self.sample_solver.describe(), "model": self.model.config.to_dict()}
+
+
+def crps_from_samples(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """CRPS per element: E|X - y| - 0.5 E|X - X'| with the sorted-sample formula.
+    samples (B, S, n, D), truth (B, n, D) -> (B, n, D)."""
+    s = samples.shape[1]
+    term1 = (samples - truth[:, None]).abs().mean(1)
+    xs = samples.sort(dim=1).values
+    w = (2 * torch.arange(1, s + 1, dtype=samples.dtype, device=samples.device) - s - 1).view(1, s, 1, 1)
+    term2 = (w * xs).sum(1) / (s * s)  # = 0.5 E|X - X'|
+    return term1 - term2
+
+
+@dataclass
+class _Acc:
+    ll_tasks: list[float] = field(default_factory=list)
+    ll_batch_means: list[float] = field(default_factory=list)
+    sse: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    crps: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    cover50: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    cover90: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    count: int = 0
+
+
+def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer: Normalizer, *,
+                       n_samples: int = 16, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Metrics of one predictor over batches (normalised tasks). n_samples = 0 skips sample metrics."""
+    from tqdm.auto import tqdm
+
+    acc = _Acc()
+    mean = torch.tensor(normalizer.mean, dtype=torch.float32)
+    std = torch.tensor(normalizer.std, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    for batch in tqdm(list(batches), desc=f"evaluate {pred.name}", disable=not progress):
+        ll = pred.log_likelihood(batch).detach().double() / batch.xt.shape[1]
+        acc.ll_tasks += ll.tolist()
+        acc.ll_batch_means.append(float(ll.mean()))
+        if n_samples:
+            smp = pred.sample(batch, n_samples, gen).float() * std + mean  # physical units
+            truth = batch.yt.float() * std + mean
+            err = smp.mean(1) - truth
+            acc.sse += err.pow(2).sum((0, 1)).double().numpy()
+            acc.crps += crps_from_samples(smp, truth).sum((0, 1)).double().numpy()
+            q = torch.quantile(smp, torch.tensor([0.05, 0.25, 0.75, 0.95]), dim=1)
+            acc.cover50 += ((truth >= q[1]) & (truth <= q[2])).sum((0, 1)).double().numpy()
+            acc.cover90 += ((truth >= q[0]) & (truth <= q[3])).sum((0, 1)).double().numpy()
+            acc.count += truth.shape[0] * truth.shape[1]
+    ll = np.array(acc.ll_tasks)
+    out: dict[str, Any] = {
+        "predictor": pred.describe(),
+        "n_tasks": len(ll),
+        "tar_ll": float(np.mean(acc.ll_batch_means)),
+        "tar_ll_task_mean": float(ll.mean()),
+        "tar_ll_stderr": float(ll.std(ddof=1) / math.sqrt(len(ll))) if len(ll) > 1 else None,
+        "tar_ll_physical": float(np.mean(acc.ll_batch_means)) - normalizer.log_std_sum,
+        "tar_ll_units": f"nats per target point, 4 variables summed, normalised ({pred.ll_kind}); "
+                        "tar_ll is the mean of batch means (protocol), physical = minus sum(log std)",
+    }
+    if acc.count:
+        n = acc.count
+        out.update({
+            "n_samples": n_samples,
+            "rmse": dict(zip(NAMES, np.sqrt(acc.sse / n).tolist())),
+            "crps": dict(zip(NAMES, (acc.crps / n).tolist())),
+            "coverage50": dict(zip(NAMES, (acc.cover50 / n).tolist())),
+            "coverage90": dict(zip(NAMES, (acc.cover90 / n).tolist())),
+            "units": {"sp": "kPa", "t2m": "degC", "u10": "m/s", "v10": "m/s"},
+        })
+    return out
+
+
+# ---- the evaluation job ------------------------------------------------------------------------
+
+def parse_solver(spec: str) -> SolverConfig:
+    """'euler:16', 'midpoint:100', 'rk4:32' or 'dopri5' / 'dopri5:1e-5' (rtol = atol)."""
+    method, _, arg = spec.partition(":")
+    if method in ("euler", "midpoint", "rk4"):
+        return SolverConfig(method, int(arg or 16))
+    tol = float(arg) if arg else 1e-5
+    return SolverConfig(method, rtol=tol, atol=tol)
+
+
+def eval_tasks(store: Any, split: str, *, eval_set: str | None = None, n_tasks: int | None = 32,
+               n_ctx: tuple[int, int] = (950, 1000), seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(EvalSet, store times, normalised values) of a split: a saved set, or one drawn (seeded) now."""
+    from ingest.tasks import load_eval_set, make_eval_set
+
+    times, values = store.load(split)
+    if eval_set:
+        es = load_eval_set(eval_set)
+        if es.meta.get("split") != split:
+            raise ValueError(f"evaluation set {eval_set} is of split {es.meta.get('split')!r}, not {split!r}")
+    else:
+        es = make_eval_set(times, store.region.n_points, split=split,
+                           n_tasks=None if n_tasks is None else min(n_tasks, len(times)),
+                           n_ctx_min=n_ctx[0], n_ctx_max=n_ctx[1], seed=seed,
+                           extra={"store_manifest_sha256": store.manifest_sha256})
+    return es, times, values
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval_set: str | None = None,
+                        n_tasks: int | None = 32, n_ctx: tuple[int, int] = (950, 1000), seed: int = 0,
+                        batch_size: int = 8, n_samples: int = 16, ll_solver: str = "midpoint:100",
+                        sample_solver: str = "euler:16", n_probes: int = 1, exact: bool = True,
+                        oracle: bool = True, baselines: tuple[str, ...] = (), plot: str | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """The `flownp evaluate` job: metrics of a checkpoint (and optionally the oracle and baselines) on
+    a frozen evaluation set. Returns a JSON-serialisable dict."""
+    from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+    from ingest.store import Store
+
+    store = Store.open(data)
+    ck = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ck)
+    normalizer = Normalizer.from_dict(ck["normalizer"])
+    if normalizer != store.normalizer:
+        # the model's own normalisation is what its numbers mean; say so when the store's differs
+        store_note = "store normaliser differs from the checkpoint's; the checkpoint's is used"
+    else:
+        store_note = "same normaliser as the store"
+    es, times, _ = eval_tasks(store, split, eval_set=eval_set, n_tasks=n_tasks, n_ctx=n_ctx, seed=seed)
+    _, phys = store.load(split, normalized=False)
+    values = normalizer.normalize(phys).astype(np.float32)
+    xy = store.region.circle_xy
+    batches = lambda: es.batches(values, xy, times, batch_size)  # noqa: E731
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "store": str(data), "split": split, "eval_set": es.meta,
+        "normaliser": normalizer.to_dict(), "normaliser_note": store_note,
+        "float16_parity": False,
+    }
+    pred = FlowNPPredictor(model, parse_solver(ll_solver), parse_solver(sample_solver), "hutchinson",
+                           n_probes, seed)
+    result["flownp"] = evaluate_predictor(pred, batches(), normalizer, n_samples=n_samples, seed=seed,
+                                          progress=progress)
+    if exact and model.config.targets == "independent":
+        ex = FlowNPPredictor(model, parse_solver(ll_solver), parse_solver(sample_solver), "auto", 1, seed,
+                             name="FlowNP (exact trace)")
+        result["flownp_exact"] = evaluate_predictor(ex, batches(), normalizer, n_samples=0, progress=progress)
+    gp = synthetic_law(store)
+    if oracle and gp is not None:
+        from flownp.baselines.oracle import OraclePredictor
+
+        result["oracle"] = evaluate_predictor(OraclePredictor(gp, normalizer), batches(), normalizer,
+                                              n_samples=n_samples, seed=seed, progress=progress)
+        result["gap_to_oracle"] = result["oracle"]["tar_ll"] - result["flownp"]["tar_ll"]
+    for b in baselines:
+        p = make_baseline(b)
+        result[b] = evaluate_predictor(p, batches(), normalizer, n_samples=n_samples, seed=seed,
+                                       progress=progress)
+    if plot:
+        first = next(iter(batches()))
+        plot_task(model, first, normalizer, store.region, plot, solver=parse_solver(sample_solver), seed=seed)
+        result["plot"] = plot
+    return result
+
+
+def make_baseline(name: str) -> Any:
+    if name == "idw":
+        from flownp.baselines.idw import IDWPredictor
+
+        return IDWPredictor()
+    if name == "gp":
+        from flownp.baselines.gp import FittedGPPredictor
+
+        return FittedGPPredictor()
+    raise ValueError(f"unknown baseline {name!r}; choose from idw, gp")
+
+
+def synthetic_law(store: Any) -> Any:
+    """The GP-weather law a synthetic store was generated from (None for real data)."""
+    syn = store.manifest.get("synthetic")
+    if not syn:
+        return None
+    from ingest.region import Region
+    from ingest.synthetic import GPWeather, GPWeatherConfig
+
+    return GPWeather(GPWeatherConfig.from_dict(syn["config"]), Region.from_dict(syn["region"]))
+
+
+def plot_task(model: Any, batch: TaskBatch, normalizer: Normalizer, region: Any, path: str, *,
+              solver: SolverConfig, n_samples: int = 16, seed: int = 0) -> None:
+    """PNG: per variable (rows) truth, sample mean, sample std and one sample (columns) on the circle,
+    context locations marked, first task of the batch, physical units."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    one = TaskBatch(*(getattr(batch, f)[:1] for f in batch.__dataclass_fields__))
+    smp = sample(model, one.xc, one.yc, one.xt, n_samples=n_samples, solver=solver,
+                 generator=torch.Generator().manual_seed(seed)).samples[0].numpy()
+    den = normalizer.denormalize
+    xy = region.circle_xy
+    truth_all = np.zeros((len(xy), 4))
+    truth_all[one.ctx_index[0].numpy()] = den(one.yc[0].numpy())
+    truth_all[one.tgt_index[0].numpy()] = den(one.yt[0].numpy())
+    xt, xc = one.xt[0].numpy(), one.xc[0].numpy()
+    s_phys = den(smp)
+    cols = [("truth", xy, truth_all), ("sample mean", xt, s_phys.mean(0)), ("sample std", xt, s_phys.std(0)),
+            ("one sample", xt, s_phys[0])]
+    units = ["kPa", "degC", "m/s", "m/s"]
+    fig, axes = plt.subplots(4, 4, figsize=(15, 13))
+    for j in range(4):
+        lo, hi = truth_all[:, j].min(), truth_all[:, j].max()
+        for k, (title, pts, val) in enumerate(cols):
+            ax = axes[j, k]
+            kw = {} if title == "sample std" else {"vmin": lo, "vmax": hi}
+            lon, lat = region.from_model(pts)
+            sc = ax.scatter(lon, lat, c=val[:, j], s=9, cmap="viridis", **kw)
+            ax.scatter(*region.from_model(xc), s=1, c="k", alpha=0.3)
+            ax.set_title(f"{NAMES[j]} {title} [{units[j]}]", fontsize=9)
+            ax.set_aspect("equal")
+            fig.colorbar(sc, ax=ax, shrink=0.8)
+    fig.suptitle(f"one task: {xc.shape[0]} context points (black dots), {xt.shape[0]} targets; "
+                 f"{n_samples} samples, {solver.describe()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

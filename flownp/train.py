@@ -1,0 +1,215 @@
+"""Flow-matching pretraining: a flat, readable loop (AdamW, warm-up + cosine, clipping, EMA, seeded).
+
+Every random draw is a function of (seed, rank, step): the task stream comes from ingest.tasks
+(seed, epoch, batch) and the path noise from a generator seeded with (seed, rank, step), so `--resume`
+continues exactly as an uninterrupted run would. DDP-ready: torchrun's environment is detected, rank 0
+alone logs and writes checkpoints (atomically).
+Run: `flownp pretrain --data STORE --out RUN` or `torchrun --nproc-per-node=N -m flownp.train ...`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from flownp.checkpoint import load_checkpoint, save_checkpoint
+from flownp.config import ModelConfig
+from flownp.distributed import Dist, init_from_env
+from flownp.model import FlowNP
+from flownp.paths import flow_matching_loss, sample_path
+from ingest.store import Store
+from ingest.tasks import TaskBatch, TaskConfig, TaskSampler
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (PROTOCOL 2: Adam 5e-4, cosine decay, batch 100)."""
+
+    steps: int = 1000
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    batch_size: int = 16
+    n_ctx_min: int = 2
+    n_ctx_max: int = 1199
+    n_tgt: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200
+    val_batches: int = 4
+    device: str = "cpu"
+    bf16: bool = False
+    float16_parity: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def tasks(self, seed_offset: int = 0) -> TaskConfig:
+        return TaskConfig(self.n_ctx_min, self.n_ctx_max, self.n_tgt, self.batch_size, self.seed + seed_offset)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def fm_loss(model: torch.nn.Module, batch: TaskBatch, gen: torch.Generator, bf16: bool = False) -> torch.Tensor:
+    """Flow-matching loss of one batch (noise and times from `gen`)."""
+    path = sample_path(batch.yt, generator=gen)
+    with torch.autocast(batch.yt.device.type, dtype=torch.bfloat16, enabled=bf16):
+        v = model(batch.xc, batch.yc, batch.xt, path.yt, path.t)
+    return flow_matching_loss(v.float(), path)
+
+
+def _gen(seed: int, *keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, sampler: TaskSampler, n: int, device: str, seed: int) -> float:
+    """FM loss on the first n batches of a fixed validation stream with fixed noise."""
+    losses = []
+    for i in range(min(n, len(sampler))):
+        losses.append(fm_loss(model, sampler[i].to(device), _gen(seed, 99, i)).item())
+    return float(np.mean(losses))
+
+
+class Trainer:
+    """Owns the model, optimiser, EMA and data of one pretraining run."""
+
+    def __init__(self, store: Store, out: str | Path, model_cfg: ModelConfig, cfg: TrainConfig,
+                 dist: Dist | None = None) -> None:
+        self.store, self.out, self.cfg = store, Path(out), cfg
+        self.dist = dist or Dist()
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = FlowNP(model_cfg).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.net: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.normalizer = store.normalizer
+        _, train = store.load("train", float16_parity=cfg.float16_parity)
+        xy = store.region.circle_xy
+        self.sampler = TaskSampler(train, xy, cfg.tasks(), rank=self.dist.rank, world=self.dist.world)
+        _, valid = store.load("valid", float16_parity=cfg.float16_parity)
+        self.val_sampler = TaskSampler(valid, xy, cfg.tasks(1000)) if len(valid) else None
+        self.step = 0
+        self.best_val = math.inf
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        return {
+            "kind": "pretrain", "model_config": self.model.config.to_dict(),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(), "step": self.step, "best_val": self.best_val,
+            "train_config": self.cfg.to_dict(), "normalizer": self.normalizer.to_dict(),
+            "region": self.store.region.to_dict(), "store_manifest_sha256": self.store.manifest_sha256,
+            "task_config": self.cfg.tasks().to_dict(),
+        }
+
+    def save(self, name: str = "last.pt") -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.out / name, self.payload())
+
+    def resume(self, path: str | Path) -> None:
+        ck = load_checkpoint(path, map_location=self.device)
+        if ck["model_config"] != self.model.config.to_dict():
+            raise ValueError(f"{path}: model config differs from this run's")
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.step, self.best_val = int(ck["step"]), float(ck["best_val"])
+
+    # ---- loop -------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        epoch, i = divmod(self.step, len(self.sampler))
+        if epoch != self.sampler.epoch:
+            self.sampler.set_epoch(epoch)
+        batch = self.sampler[i].to(self.device)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, cfg)
+        self.net.train()
+        loss = fm_loss(self.net, batch, _gen(cfg.seed, self.dist.rank, self.step), cfg.bf16)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": float(gnorm), "lr": lr_at(self.step - 1, cfg),
+                "n_ctx": batch.xc.shape[1], "tasks": batch.xc.shape[0]}
+
+    def run(self, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to cfg.steps (or stop early at `stop_at`, as a crash would, for tests)."""
+        cfg, log = self.cfg, self.out / "log.jsonl"
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="pretrain", disable=not (progress and self.dist.is_main))
+        t0, tasks, last = time.perf_counter(), 0, {}
+        while self.step < (stop_at or cfg.steps):
+            rec = self.train_step()
+            tasks += rec["tasks"]
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                rec = {"step": self.step, **rec, "loss": self.dist.all_mean(rec["loss"]),
+                       "tasks_per_s": tasks * self.dist.world / (time.perf_counter() - t0)}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                if self.dist.is_main:
+                    with open(log, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                last = rec
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                if self.val_sampler is not None:
+                    val = validation_loss(self.ema, self.val_sampler, cfg.val_batches, str(self.device), cfg.seed)
+                    if self.dist.is_main:
+                        with open(log, "a") as f:
+                            f.write(json.dumps({"step": self.step, "val_loss_ema": val}) + "\n")
+                    if val < self.best_val:
+                        self.best_val = val
+                        self.save("best.pt")
+                self.save("last.pt")
+        bar.close()
+        return last
+
+
+def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | None = None,
+             cfg: TrainConfig | None = None, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Pretrain on the store at `data`, writing log.jsonl, last.pt and best.pt under `out`."""
+    cfg = cfg or TrainConfig()
+    dist = init_from_env(cfg.device)
+    if dist.enabled and cfg.device.startswith("cuda"):
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": f"cuda:{dist.local_rank}"})
+    trainer = Trainer(Store.open(data), out, model_cfg or ModelConfig(), cfg, dist)
+    if resume and (Path(out) / "last.pt").exists():
+        trainer.resume(Path(out) / "last.pt")
+    return trainer.run(progress)
