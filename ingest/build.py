@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ingest import __version__
 from ingest.io import atomic_path, sha256_file, write_json_atomic
-from ingest.layout import LayoutError, canonicalize, check_finite, cut_region, to_points
+from ingest.layout import LayoutError, canonicalize, check_finite, cut_region
 from ingest.normalize import Normalizer, StatsAccumulator
 from ingest.region import MEMPHIS, Region
 from ingest.split import PROTOCOL_SPLIT, SPLITS, YearSplit
@@ -37,6 +37,7 @@ from ingest.variables import VARIABLES
 STORE_FORMAT = "flownp-weather-store"
 STORE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SPLIT_CODES = ("train", "valid", "test", "unused")  # `split` flag values in shards
 
 
 class StoreError(ValueError):
@@ -49,7 +50,7 @@ class BuildSettings:
     'reference' (the earlier code's constants, for parity). `block`: maps read per block."""
 
     stats: str = "train"
-    block: int = 512
+    block: int = 2048
 
     def __post_init__(self) -> None:
         if self.stats not in ("train", "reference"):
@@ -149,10 +150,13 @@ def _write_shard(path: Path, times: np.ndarray, blocks: Iterable[np.ndarray], sp
             unit = nc.createVariable("units", str, ("variable",))
             for i, v in enumerate(VARIABLES):
                 var[i], unit[i] = v.name, v.model_units
-            sp = nc.createVariable("split", str, ("time",))
+            sp = nc.createVariable("split", "i1", ("time",))
+            sp.long_name = "year split of each map"
+            sp.flag_values = np.arange(len(SPLIT_CODES), dtype=np.int8)
+            sp.flag_meanings = " ".join(SPLIT_CODES)
             years = times.astype("datetime64[Y]").astype(int) + 1970
-            for i, y in enumerate(years):
-                sp[i] = split.of(int(y))
+            sp[:] = np.array([SPLIT_CODES.index(split.of(int(y))) for y in np.unique(years)],
+                             dtype=np.int8)[np.searchsorted(np.unique(years), years)]
             vals = nc.createVariable("values", "f4", ("time", "point", "variable"),
                                      chunksizes=(min(len(times), 256), region.n_points, len(VARIABLES)))
             vals.coordinates = "latitude longitude units split"
@@ -168,9 +172,8 @@ def _write_shard(path: Path, times: np.ndarray, blocks: Iterable[np.ndarray], sp
 def _ingest_file(raw: Path, sha: str, store: Path, m: dict[str, Any], settings: BuildSettings,
                  region: Region) -> dict[str, Any]:
     src = str(raw)
-    ds = cut_region(canonicalize(raw, chunks={"time": settings.block}), region, source=src)
-    points = to_points(ds, region)
-    times = points["time"].values
+    ds = cut_region(canonicalize(raw), region, source=src)  # lazy backend arrays: read per block below
+    times = ds["time"].values
     if len(times) == 0:
         raise LayoutError(f"{src}: holds no maps")
     if len(np.unique(times)) != len(times):
@@ -186,14 +189,19 @@ def _ingest_file(raw: Path, sha: str, store: Path, m: dict[str, Any], settings: 
     split = YearSplit.from_dict(m["split"])
     years = times.astype("datetime64[Y]").astype(int) + 1970
     accs: dict[int, StatsAccumulator] = {}
+    flat = region.circle_index[:, 0] * region.size + region.circle_index[:, 1]
 
     def blocks() -> Iterable[np.ndarray]:
         for a in range(0, len(times), settings.block):
             b = min(a + settings.block, len(times))
-            block = np.asarray(points.isel(time=slice(a, b)).values, dtype=np.float32)
+            cols = [v.era5_to_model(np.asarray(ds[v.name][a:b].values).reshape(b - a, -1)[:, flat])
+                    .astype(np.float32, copy=False) for v in VARIABLES]  # per variable (nb, P), model units
+            block = np.stack(cols, axis=-1).astype(np.float32, copy=False)
             check_finite(block, times[a:b], src)
             for y in np.unique(years[a:b]):
-                accs.setdefault(int(y), StatsAccumulator()).update(block[years[a:b] == y])
+                rows = years[a:b] == y
+                accs.setdefault(int(y), StatsAccumulator()).update_columns(
+                    [c if rows.all() else c[rows] for c in cols])
             yield block
 
     shard = Path("shards") / f"{raw.stem}-{sha[:12]}.nc"

@@ -26,7 +26,7 @@ def build(
     out: Annotated[Path, typer.Option("--out", help="Store directory (created or extended).")],
     stats: Annotated[Optional[str], typer.Option(
         help="'train' (train-year statistics, the default for a new store) or 'reference'.")] = None,
-    block: Annotated[int, typer.Option(help="Maps read per block (memory bound).")] = 512,
+    block: Annotated[int, typer.Option(help="Maps read per block (memory bound).")] = 2048,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Build (or extend) a store from raw ERA5 files; files already in it are skipped."""

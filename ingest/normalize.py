@@ -92,12 +92,22 @@ class StatsAccumulator:
 
     def update(self, values: np.ndarray) -> "StatsAccumulator":
         """Add (..., 4) physical values (kPa, degC, u, v)."""
-        v = np.asarray(values, dtype=np.float64).reshape(-1, 4)
-        d = v - _SHIFT
-        self.count += v.shape[0]
-        self.sum = self.sum + d.sum(0)
-        self.sumsq = self.sumsq + (d * d).sum(0)
-        self.speed_sum += float(np.hypot(v[:, 2], v[:, 3]).sum())
+        v = np.asarray(values).reshape(-1, 4)
+        return self.update_columns([v[:, k] for k in range(4)])
+
+    def update_columns(self, columns: list[np.ndarray]) -> "StatsAccumulator":
+        """Add values given as 4 arrays of equal size (one per variable, model order): the fast path.
+        Sums and sums of squares of the shifted values accumulate in float64; the wind speed is formed
+        in the input precision and summed in float64."""
+        cols = [np.asarray(c).ravel() for c in columns]
+        self.count += cols[0].size
+        sums, sumsq = np.empty(4), np.empty(4)
+        for k, (c, s) in enumerate(zip(cols, _SHIFT)):
+            d = c.astype(np.float64) - s
+            sums[k], sumsq[k] = d.sum(), np.dot(d, d)
+        self.sum = self.sum + sums
+        self.sumsq = self.sumsq + sumsq
+        self.speed_sum += float(np.hypot(cols[2], cols[3]).sum(dtype=np.float64))
         return self
 
     def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":

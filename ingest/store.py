@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ingest.build import StoreError, read_manifest
+from ingest.build import SPLIT_CODES, StoreError, read_manifest
 from ingest.io import sha256_json
 from ingest.normalize import Normalizer, quantize_float16
 from ingest.region import Region
@@ -84,7 +84,8 @@ class Store:
             raise ValueError(f"split must be one of {SPLITS + ('unused', 'all')}, got {split!r}")
         ds = self.dataset()
         if split != "all":
-            ds = ds.isel(time=np.flatnonzero(ds["split"].values == split))
+            code = SPLIT_CODES.index(split)
+            ds = ds.isel(time=np.flatnonzero(ds["split"].values == code))
         times = ds["time"].values
         values = np.asarray(ds["values"].values, dtype=np.float32)
         if float16_parity:
