@@ -11,10 +11,12 @@ Units: nats in normalised model space; `physical` subtracts n_tgt * sum(log std)
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flownp.solvers import SolverConfig, solve
 
@@ -100,7 +102,9 @@ def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig 
 
     p = n_probes if estimator == "hutchinson" else 1
     a0 = torch.zeros(y1.shape[0], p, dtype=y1.dtype, device=y1.device)
-    sol = solve(field, (y1, a0), 1.0, 0.0, solver)
+    # fused attention kernels have no second derivative: differentiating the divergence needs the math one
+    with sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
+        sol = solve(field, (y1, a0), 1.0, 0.0, solver)
     y0, a = sol.state
     n, d = y1.shape[1], y1.shape[2]
     logp0 = -0.5 * y0.pow(2).flatten(1).sum(1) - 0.5 * n * d * math.log(2 * math.pi)

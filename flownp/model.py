@@ -7,7 +7,6 @@ Tokens: [enc(x), enc(t), y]; context tokens use t = 1 and the clean values (PROT
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -57,16 +56,14 @@ class CachedBlock(nn.Module):
         """Target tokens attend to the cached context keys/values and (joint) to each other or
         (independent) only to themselves."""
         q, k, v = self._split(ht)
+        keys, values = torch.cat([kc, k], 2), torch.cat([vc, v], 2)
         if joint:
-            a = F.scaled_dot_product_attention(q, torch.cat([kc, k], 2), torch.cat([vc, v], 2))
-        else:
-            scale = 1.0 / math.sqrt(q.shape[-1])
-            s_c = (q @ kc.transpose(-1, -2)) * scale          # (B, h, nt, nc)
-            s_s = (q * k).sum(-1, keepdim=True) * scale       # (B, h, nt, 1)
-            m = torch.maximum(s_c.amax(-1, keepdim=True), s_s).detach()
-            e_c, e_s = (s_c - m).exp(), (s_s - m).exp()
-            z = e_c.sum(-1, keepdim=True) + e_s
-            a = (e_c @ vc + e_s * v) / z
+            a = F.scaled_dot_product_attention(q, keys, values)
+        else:  # each target sees the context and itself: a boolean mask [all context | diagonal]
+            nt, nc = q.shape[2], kc.shape[2]
+            mask = torch.cat([torch.ones(nt, nc, dtype=torch.bool, device=q.device),
+                              torch.eye(nt, dtype=torch.bool, device=q.device)], dim=1)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self._finish(ht, a)
 
 

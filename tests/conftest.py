@@ -27,3 +27,15 @@ def geocat_file() -> Path:
 def berlin_file() -> Path:
     """Real hourly ERA5 2017 on 2x3 points around Berlin: does not cover the region."""
     return _need(BERLIN)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """A small synthetic store: train 1986, valid 1988, test 1989, 2 days of each winter month."""
+    from ingest.build import build_store
+    from ingest.synthetic import synthesize
+
+    root = tmp_path_factory.mktemp("tiny")
+    files = synthesize(root / "raw", [1986, 1988, 1989], days=range(1, 3), seed=0, progress=False)
+    build_store(files, root / "store", progress=False)
+    return root / "store"
