@@ -41,8 +41,11 @@ def pretrain(
     n_layers: Annotated[int, typer.Option(help="Transformer layers.")] = 6,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast (CUDA; slow on CPU).")] = False,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        help="Stop after this much wall time, writing last.pt (continue with --resume).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Pretrain FlowNP by conditional flow matching on a store's train split."""
@@ -54,8 +57,9 @@ def pretrain(
         mcfg = ModelConfig(arch=arch, targets=targets, encoding=encoding, d_model=d_model, n_layers=n_layers,
                            d_ff=2 * d_model, embed_hidden=d_model)
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, n_ctx_min=lo,
-                           n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, ckpt_every=ckpt_every)
-        last = run(data, out, mcfg, tcfg, resume=resume, progress=not quiet)
+                           n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, bf16=bf16,
+                           ckpt_every=ckpt_every)
+        last = run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
     except ValueError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
@@ -79,6 +83,7 @@ def evaluate(
     baseline: Annotated[Optional[list[str]], typer.Option(help="Also evaluate: idw, gp.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of one task (truth, mean, std, sample).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda (the FlowNP model; baselines run on CPU).")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Evaluate a checkpoint on a frozen evaluation set (and the oracle on synthetic data)."""
@@ -90,7 +95,7 @@ def evaluate(
                                   n_ctx=_range(n_ctx), seed=seed, batch_size=batch_size, n_samples=samples,
                                   ll_solver=ll_solver, sample_solver=sample_solver, n_probes=probes,
                                   baselines=tuple(baseline or ()), plot=str(plot) if plot else None,
-                                  progress=not quiet)
+                                  progress=not quiet, device=device)
     except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
@@ -102,3 +107,7 @@ def evaluate(
             r = res[key]
             typer.echo(f"{r['predictor']['name']:>22}: tar_ll {r['tar_ll']:8.3f} nats/point "
                        f"({r['predictor']['ll_kind']}), rmse {r.get('rmse', {})}")
+
+
+if __name__ == "__main__":
+    app()

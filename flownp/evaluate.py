@@ -52,16 +52,22 @@ class FlowNPPredictor:
     ll_kind: str = "joint"
     last_spread: torch.Tensor | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def log_likelihood(self, batch: TaskBatch) -> torch.Tensor:
-        res = log_likelihood(self.model, batch.xc, batch.yc, batch.xt, batch.yt, solver=self.ll_solver,
+        b = batch.to(self.device)
+        res = log_likelihood(self.model, b.xc, b.yc, b.xt, b.yt, solver=self.ll_solver,
                              estimator=self.estimator, n_probes=self.n_probes, seed=self.seed)
         self.last_spread = res.spread
         self.last_estimator = res.estimator
-        return res.joint
+        return res.joint.cpu()
 
     def sample(self, batch: TaskBatch, n: int, generator: torch.Generator) -> torch.Tensor:
-        return sample(self.model, batch.xc, batch.yc, batch.xt, n_samples=n, solver=self.sample_solver,
-                      generator=generator).samples
+        b = batch.to(self.device)
+        return sample(self.model, b.xc, b.yc, b.xt, n_samples=n, solver=self.sample_solver,
+                      generator=generator).samples.cpu()
 
     def describe(self) -> dict[str, Any]:
         est = "exact-blocks" if self.estimator == "auto" and self.model.config.targets == "independent" \
@@ -174,7 +180,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
                         batch_size: int = 8, n_samples: int = 16, ll_solver: str = "midpoint:100",
                         sample_solver: str = "euler:16", n_probes: int = 1, exact: bool = True,
                         oracle: bool = True, baselines: tuple[str, ...] = (), plot: str | None = None,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """The `flownp evaluate` job: metrics of a checkpoint (and optionally the oracle and baselines) on
     a frozen evaluation set. Returns a JSON-serialisable dict."""
     from flownp.checkpoint import load_checkpoint, model_from_checkpoint
@@ -182,7 +188,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
 
     store = Store.open(data)
     ck = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ck)
+    model = model_from_checkpoint(ck).to(device)
     normalizer = Normalizer.from_dict(ck["normalizer"])
     if normalizer != store.normalizer:
         # the model's own normalisation is what its numbers mean; say so when the store's differs
@@ -258,8 +264,9 @@ def plot_task(model: Any, batch: TaskBatch, normalizer: Normalizer, region: Any,
     import matplotlib.pyplot as plt
 
     one = TaskBatch(*(getattr(batch, f)[:1] for f in batch.__dataclass_fields__))
-    smp = sample(model, one.xc, one.yc, one.xt, n_samples=n_samples, solver=solver,
-                 generator=torch.Generator().manual_seed(seed)).samples[0].numpy()
+    dev = next(model.parameters()).device
+    smp = sample(model, one.xc.to(dev), one.yc.to(dev), one.xt.to(dev), n_samples=n_samples, solver=solver,
+                 generator=torch.Generator().manual_seed(seed)).samples[0].cpu().numpy()
     den = normalizer.denormalize
     xy = region.circle_xy
     truth_all = np.zeros((len(xy), 4))

@@ -21,9 +21,12 @@ class PathSample:
 def sample_path(y1: torch.Tensor, generator: torch.Generator | None = None,
                 t_per_point: bool = True) -> PathSample:
     """Draw (t, y_t, y1 - y0) for data y1 (B, n_tgt, D)."""
-    y0 = torch.randn(y1.shape, generator=generator, device=y1.device, dtype=y1.dtype)
+    # drawn on the generator's device (CPU by default) and moved: the same seed gives the same path
+    # on every device
+    gdev = generator.device if generator is not None else y1.device
+    y0 = torch.randn(y1.shape, generator=generator, device=gdev, dtype=y1.dtype).to(y1.device)
     shape = y1.shape[:-1] if t_per_point else y1.shape[:1]
-    t = torch.rand(shape, generator=generator, device=y1.device, dtype=y1.dtype)
+    t = torch.rand(shape, generator=generator, device=gdev, dtype=y1.dtype).to(y1.device)
     if not t_per_point:
         t = t[:, None].expand(y1.shape[:-1])
     yt = t[..., None] * y1 + (1 - t[..., None]) * y0

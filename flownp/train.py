@@ -169,8 +169,11 @@ class Trainer:
         return {"loss": loss.item(), "grad_norm": float(gnorm), "lr": lr_at(self.step - 1, cfg),
                 "n_ctx": batch.xc.shape[1], "tasks": batch.xc.shape[0]}
 
-    def run(self, progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
-        """Train to cfg.steps (or stop early at `stop_at`, as a crash would, for tests)."""
+    def run(self, progress: bool = True, stop_at: int | None = None,
+            max_minutes: float | None = None) -> dict[str, Any]:
+        """Train to cfg.steps, or stop early at step `stop_at` (as a crash would, for tests) or once
+        `max_minutes` of wall time have passed (then last.pt is written, so `--resume` continues exactly:
+        for preemptible or time-limited machines)."""
         cfg, log = self.cfg, self.out / "log.jsonl"
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +191,14 @@ class Trainer:
                     with open(log, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 last = rec
+            if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes \
+                    and self.step < cfg.steps:
+                self.save("last.pt")
+                if self.dist.is_main:
+                    with open(log, "a") as f:
+                        f.write(json.dumps({"step": self.step, "stopped": "time budget"}) + "\n")
+                last = {**last, "stopped_at": self.step}
+                break
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 if self.val_sampler is not None:
                     val = validation_loss(self.ema, self.val_sampler, cfg.val_batches, str(self.device), cfg.seed)
@@ -203,7 +214,8 @@ class Trainer:
 
 
 def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | None = None,
-             cfg: TrainConfig | None = None, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+             cfg: TrainConfig | None = None, *, resume: bool = False, progress: bool = True,
+             max_minutes: float | None = None) -> dict[str, Any]:
     """Pretrain on the store at `data`, writing log.jsonl, last.pt and best.pt under `out`."""
     cfg = cfg or TrainConfig()
     dist = init_from_env(cfg.device)
@@ -212,4 +224,4 @@ def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | None = 
     trainer = Trainer(Store.open(data), out, model_cfg or ModelConfig(), cfg, dist)
     if resume and (Path(out) / "last.pt").exists():
         trainer.resume(Path(out) / "last.pt")
-    return trainer.run(progress)
+    return trainer.run(progress, max_minutes=max_minutes)
