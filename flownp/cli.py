@@ -66,6 +66,43 @@ def pretrain(
     typer.echo(json.dumps({"out": str(out), **last}))
 
 
+@app.command("train-baseline")
+def train_baseline(
+    kind: Annotated[str, typer.Option("--kind", help="cnp or tnpa.")],
+    data: Annotated[Path, typer.Option("--data", help="Store directory (flownp-ingest build).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Tasks per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 100,
+    n_ctx: Annotated[str, typer.Option(help="Context size range MIN-MAX.")] = "2-1199",
+    n_tgt: Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")] = None,
+    d_model: Annotated[int, typer.Option(help="Width.")] = 64,
+    n_layers: Annotated[int, typer.Option(help="CNP: MLP depth; TNP-A: transformer layers.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")] = 200,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        help="Stop after this much wall time, writing last.pt (continue with --resume).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train a CNP or TNP-A baseline by maximum likelihood on the same tasks as FlowNP."""
+    from flownp.baselines.neural import NeuralBaselineConfig
+    from flownp.train import TrainConfig, pretrain as run
+
+    lo, hi = _range(n_ctx)
+    try:
+        mcfg = NeuralBaselineConfig(kind=kind, d_model=d_model, n_layers=n_layers, d_ff=2 * d_model)
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, n_ctx_min=lo,
+                           n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, ckpt_every=ckpt_every)
+        last = run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    typer.echo(json.dumps({"out": str(out), **last}))
+
+
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint (.pt).")],
@@ -80,7 +117,8 @@ def evaluate(
     ll_solver: Annotated[str, typer.Option(help="Likelihood solver, e.g. midpoint:100, rk4:32, dopri5:1e-5.")] = "midpoint:100",
     sample_solver: Annotated[str, typer.Option(help="Sampling solver, e.g. euler:16.")] = "euler:16",
     probes: Annotated[int, typer.Option(help="Hutchinson probes.")] = 1,
-    baseline: Annotated[Optional[list[str]], typer.Option(help="Also evaluate: idw, gp.")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option(
+        help="Also evaluate: idw, gp, cnp:CKPT, tnpa:CKPT (repeatable).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of one task (truth, mean, std, sample).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda (the FlowNP model; baselines run on CPU).")] = "cpu",
@@ -102,7 +140,9 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(res, indent=2))
         return
-    for key in ("flownp", "flownp_exact", "oracle", *(baseline or ())):
+    from flownp.evaluate import baseline_key
+
+    for key in ("flownp", "flownp_exact", "oracle", *map(baseline_key, baseline or ())):
         if key in res:
             r = res[key]
             typer.echo(f"{r['predictor']['name']:>22}: tar_ll {r['tar_ll']:8.3f} nats/point "

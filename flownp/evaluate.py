@@ -112,7 +112,7 @@ def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer
         ll = pred.log_likelihood(batch).detach().double() / batch.xt.shape[1]
         acc.ll_tasks += ll.tolist()
         acc.ll_batch_means.append(float(ll.mean()))
-        if n_samples:
+        if n_samples and getattr(pred, "can_sample", True):
             smp = pred.sample(batch, n_samples, gen).float() * std + mean  # physical units
             truth = batch.yt.float() * std + mean
             err = smp.mean(1) - truth
@@ -222,8 +222,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
         result["gap_to_oracle"] = result["oracle"]["tar_ll"] - result["flownp"]["tar_ll"]
     for b in baselines:
         p = make_baseline(b)
-        result[b] = evaluate_predictor(p, batches(), normalizer, n_samples=n_samples, seed=seed,
-                                       progress=progress)
+        result[baseline_key(b)] = evaluate_predictor(p, batches(), normalizer, n_samples=n_samples, seed=seed,
+                                                     progress=progress)
     if plot:
         first = next(iter(batches()))
         plot_task(model, first, normalizer, store.region, plot, solver=parse_solver(sample_solver), seed=seed)
@@ -231,7 +231,24 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
     return result
 
 
-def make_baseline(name: str) -> Any:
+def baseline_key(spec: str) -> str:
+    """The result key of a baseline spec: 'idw', 'gp', 'cnp:RUN/best.pt' -> 'cnp'."""
+    return spec.split(":", 1)[0]
+
+
+def make_baseline(spec: str) -> Any:
+    """A baseline predictor from its spec: 'idw', 'gp', or 'cnp:CKPT' / 'tnpa:CKPT' (a checkpoint of
+    `flownp train-baseline`)."""
+    name, _, path = spec.partition(":")
+    if name in ("cnp", "tnpa"):
+        if not path:
+            raise ValueError(f"baseline {name!r} needs its checkpoint: '{name}:PATH'")
+        from flownp.baselines.neural import load_baseline
+
+        pred = load_baseline(path)
+        if pred.model.config.kind != name:
+            raise ValueError(f"{path} holds a {pred.model.config.kind}, not a {name}")
+        return pred
     if name == "idw":
         from flownp.baselines.idw import IDWPredictor
 
@@ -240,7 +257,7 @@ def make_baseline(name: str) -> Any:
         from flownp.baselines.gp import FittedGPPredictor
 
         return FittedGPPredictor()
-    raise ValueError(f"unknown baseline {name!r}; choose from idw, gp")
+    raise ValueError(f"unknown baseline {spec!r}; choose from idw, gp, cnp:CKPT, tnpa:CKPT")
 
 
 def synthetic_law(store: Any) -> Any:

@@ -52,6 +52,11 @@ class CachedBlock(nn.Module):
         q, k, v = self._split(hc)
         return self._finish(hc, F.scaled_dot_product_attention(q, k, v)), k, v
 
+    def masked(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """All tokens in one pass with a boolean (n, n) mask, True = may attend (neural baselines)."""
+        q, k, v = self._split(h)
+        return self._finish(h, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
     def target(self, ht: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, joint: bool) -> torch.Tensor:
         """Target tokens attend to the cached context keys/values and (joint) to each other or
         (independent) only to themselves."""

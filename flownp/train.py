@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -85,25 +85,41 @@ def _gen(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
+Objective = Callable[[torch.nn.Module, TaskBatch, torch.Generator, bool], torch.Tensor]
+
+
+def build_model(config: ModelConfig | Any) -> tuple[torch.nn.Module, Objective, str]:
+    """(model, its training objective, checkpoint kind) for a FlowNP ModelConfig (flow matching) or a
+    neural baseline's config (Gaussian NLL)."""
+    if isinstance(config, ModelConfig):
+        return FlowNP(config), fm_loss, "pretrain"
+    from flownp.baselines.neural import nll_loss
+
+    return config.build(), nll_loss, "baseline"
+
+
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, sampler: TaskSampler, n: int, device: str, seed: int) -> float:
-    """FM loss on the first n batches of a fixed validation stream with fixed noise."""
+def validation_loss(model: torch.nn.Module, sampler: TaskSampler, n: int, device: str, seed: int,
+                    objective: Objective = fm_loss) -> float:
+    """Training objective on the first n batches of a fixed validation stream with fixed noise."""
     losses = []
     for i in range(min(n, len(sampler))):
-        losses.append(fm_loss(model, sampler[i].to(device), _gen(seed, 99, i)).item())
+        losses.append(objective(model, sampler[i].to(device), _gen(seed, 99, i), False).item())
     return float(np.mean(losses))
 
 
 class Trainer:
-    """Owns the model, optimiser, EMA and data of one pretraining run."""
+    """Owns the model, optimiser, EMA and data of one training run: FlowNP pretraining by flow matching
+    (a ModelConfig) or a neural baseline by maximum likelihood (a NeuralBaselineConfig)."""
 
-    def __init__(self, store: Store, out: str | Path, model_cfg: ModelConfig, cfg: TrainConfig,
+    def __init__(self, store: Store, out: str | Path, model_cfg: ModelConfig | Any, cfg: TrainConfig,
                  dist: Dist | None = None) -> None:
         self.store, self.out, self.cfg = store, Path(out), cfg
         self.dist = dist or Dist()
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = FlowNP(model_cfg).to(self.device)
+        model, self.objective, self.kind = build_model(model_cfg)
+        self.model = model.to(self.device)
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -125,7 +141,7 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
         return {
-            "kind": "pretrain", "model_config": self.model.config.to_dict(),
+            "kind": self.kind, "model_config": self.model.config.to_dict(),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(), "step": self.step, "best_val": self.best_val,
             "train_config": self.cfg.to_dict(), "normalizer": self.normalizer.to_dict(),
@@ -156,7 +172,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, cfg)
         self.net.train()
-        loss = fm_loss(self.net, batch, _gen(cfg.seed, self.dist.rank, self.step), cfg.bf16)
+        loss = self.objective(self.net, batch, _gen(cfg.seed, self.dist.rank, self.step), cfg.bf16)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -201,7 +217,8 @@ class Trainer:
                 break
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 if self.val_sampler is not None:
-                    val = validation_loss(self.ema, self.val_sampler, cfg.val_batches, str(self.device), cfg.seed)
+                    val = validation_loss(self.ema, self.val_sampler, cfg.val_batches, str(self.device), cfg.seed,
+                                          self.objective)
                     if self.dist.is_main:
                         with open(log, "a") as f:
                             f.write(json.dumps({"step": self.step, "val_loss_ema": val}) + "\n")
@@ -213,10 +230,11 @@ class Trainer:
         return last
 
 
-def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | None = None,
+def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | Any = None,
              cfg: TrainConfig | None = None, *, resume: bool = False, progress: bool = True,
              max_minutes: float | None = None) -> dict[str, Any]:
-    """Pretrain on the store at `data`, writing log.jsonl, last.pt and best.pt under `out`."""
+    """Train on the store at `data`, writing log.jsonl, last.pt and best.pt under `out`: FlowNP by flow
+    matching (default) or, given a NeuralBaselineConfig, a CNP / TNP-A by maximum likelihood."""
     cfg = cfg or TrainConfig()
     dist = init_from_env(cfg.device)
     if dist.enabled and cfg.device.startswith("cuda"):
