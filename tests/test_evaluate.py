@@ -1,0 +1,79 @@
+"""Evaluation: CRPS against its closed form, the oracle outscoring a heuristic, and the CLI end to end
+(pretrain -> evaluate --json with the oracle, a baseline and a plot)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from typer.testing import CliRunner
+
+from flownp.baselines.idw import IDWPredictor
+from flownp.baselines.oracle import OraclePredictor
+from flownp.cli import app
+from flownp.evaluate import crps_from_samples, evaluate_predictor, synthetic_law
+from ingest.store import Store
+from ingest.tasks import TaskConfig, TaskSampler
+
+
+def gaussian_crps(mu: float, sigma: float, y: np.ndarray) -> np.ndarray:
+    z = (y - mu) / sigma
+    return sigma * (z * (2 * norm.cdf(z) - 1) + 2 * norm.pdf(z) - 1 / math.sqrt(math.pi))
+
+
+def test_crps_matches_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(0)
+    s = 2.0 * torch.randn(1, 20000, 1, 1, generator=g, dtype=torch.float64) + 1.0
+    y = torch.tensor([-3.0, 0.0, 1.0, 4.5], dtype=torch.float64)
+    got = torch.stack([crps_from_samples(s, yi.view(1, 1, 1)).squeeze() for yi in y]).numpy()
+    np.testing.assert_allclose(got, gaussian_crps(1.0, 2.0, y.numpy()), rtol=0.02)
+
+
+def test_crps_of_a_point_mass_is_the_absolute_error():
+    s = torch.full((2, 8, 3, 4), 1.5)
+    y = torch.zeros(2, 3, 4)
+    torch.testing.assert_close(crps_from_samples(s, y), torch.full((2, 3, 4), 1.5))
+
+
+def test_oracle_outscores_idw_and_is_calibrated(tiny_store):
+    store = Store.open(tiny_store)
+    _, test = store.load("test")
+    batches = [TaskSampler(test, store.region.circle_xy, TaskConfig(80, 80, 60, 4, seed=s))[0] for s in range(2)]
+    oracle = evaluate_predictor(OraclePredictor(synthetic_law(store), store.normalizer), batches,
+                                store.normalizer, n_samples=64)
+    idw = evaluate_predictor(IDWPredictor(), batches, store.normalizer, n_samples=64)
+    assert oracle["tar_ll"] > idw["tar_ll"] + 1.0, (oracle["tar_ll"], idw["tar_ll"])
+    assert all(oracle["rmse"][v] < idw["rmse"][v] for v in oracle["rmse"])
+    # 64 draws from the true law: central 90% intervals hold the truth about 90% of the time (the
+    # empirical quantiles of S draws cover (S-1)/(S+1) of the mass on average: 0.87 for the 5-95% pair)
+    assert all(0.8 < c < 0.95 for c in oracle["coverage90"].values()), oracle["coverage90"]
+    assert oracle["predictor"]["ll_kind"] == "joint" and idw["predictor"]["ll_kind"].startswith("marginal")
+
+
+@pytest.mark.slow
+def test_cli_pretrain_then_evaluate_json(tiny_store, tmp_path):
+    run = CliRunner()
+    r = run.invoke(app, ["pretrain", "--data", str(tiny_store), "--out", str(tmp_path / "run"), "--steps", "4",
+                         "--batch-size", "2", "--n-ctx", "40-60", "--n-tgt", "20", "--d-model", "16",
+                         "--n-layers", "1", "--warmup", "1", "--ckpt-every", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["step"] == 4
+    args = ["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tiny_store),
+            "--n-tasks", "4", "--n-ctx", "40-50", "--batch-size", "2", "--samples", "4",
+            "--ll-solver", "midpoint:4", "--baseline", "idw", "--plot", str(tmp_path / "task.png"), "--quiet"]
+    r = run.invoke(app, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert {"flownp", "oracle", "idw", "gap_to_oracle", "eval_set"} <= set(res)
+    assert res["flownp"]["n_tasks"] == 4 and math.isfinite(res["flownp"]["tar_ll"])
+    assert res["gap_to_oracle"] == pytest.approx(res["oracle"]["tar_ll"] - res["flownp"]["tar_ll"])
+    assert set(res["flownp"]["rmse"]) == {"sp", "t2m", "u10", "v10"}
+    assert (tmp_path / "task.png").stat().st_size > 10_000
+    # the same seed gives the same numbers
+    again = json.loads(run.invoke(app, args + ["--json"]).output)
+    assert again["flownp"]["tar_ll"] == res["flownp"]["tar_ll"]
+    # bad input: a clear error, exit code 2
+    r = run.invoke(app, args[:-1] + ["--baseline", "kriging"])
+    assert r.exit_code == 2 and "unknown baseline" in r.output
