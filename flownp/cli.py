@@ -1,4 +1,4 @@
-"""`flownp` command line: pretrain and evaluate (fine-tuning arrives with its issue)."""
+"""`flownp` command line: pretrain, train-baseline, finetune, evaluate."""
 
 from __future__ import annotations
 
@@ -98,6 +98,56 @@ def train_baseline(
                            n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, ckpt_every=ckpt_every)
         last = run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
     except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    typer.echo(json.dumps({"out": str(out), **last}))
+
+
+@app.command()
+def finetune(
+    base: Annotated[Path, typer.Option("--from", help="Pretrained checkpoint (RUN/best.pt).")],
+    data: Annotated[Path, typer.Option("--data", help="Store directory (the base's normalisation).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")],
+    mode: Annotated[str, typer.Option(help="mle (tune the whole model) or gav (add a GAV residual).")] = "mle",
+    coupling: Annotated[str, typer.Option(help="inversion (frozen base, reverse ODE) or random.")] = "inversion",
+    k_steps: Annotated[int, typer.Option(help="Euler steps of the differentiated decoder (K).")] = 16,
+    inversion_steps: Annotated[int, typer.Option(help="Midpoint steps of the inversion.")] = 32,
+    sigma: Annotated[float, typer.Option(help="Observation std (normalised units); initial if learned.")] = 0.1,
+    learn_sigma: Annotated[bool, typer.Option("--learn-sigma", help="Learn a per-variable sigma.")] = False,
+    cfm_weight: Annotated[float, typer.Option(help="Weight of a flow-matching regulariser.")] = 0.0,
+    grad: Annotated[str, typer.Option(help="backprop, checkpoint (less memory) or adjoint (least).")] = "backprop",
+    gav_kind: Annotated[str, typer.Option(help="gav: schur (Hurwitz), contracting, or mlp (ablation).")] = "schur",
+    train_base: Annotated[bool, typer.Option("--train-base", help="gav: also tune the base model.")] = False,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Tasks per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Learning rate after warm-up (constant).")] = 1e-5,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 50,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.99,
+    n_ctx: Annotated[str, typer.Option(help="Context size range MIN-MAX.")] = "2-1199",
+    n_tgt: Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast (CUDA; slow on CPU).")] = False,
+    ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")] = 100,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        help="Stop after this much wall time, writing last.pt (continue with --resume).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune a pretrained FlowNP by maximum likelihood of K-step reconstructions (optionally GAV)."""
+    from flownp.finetune import FinetuneConfig, finetune as run
+    from flownp.train import TrainConfig
+
+    lo, hi = _range(n_ctx)
+    try:
+        ft = FinetuneConfig(mode=mode, coupling=coupling, k_steps=k_steps, inversion_steps=inversion_steps,
+                            sigma=sigma, learn_sigma=learn_sigma, cfm_weight=cfm_weight, grad=grad,
+                            train_base=train_base, gav={"kind": gav_kind} if mode == "gav" else None)
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, schedule="constant",
+                           ema_decay=ema_decay, n_ctx_min=lo, n_ctx_max=hi, n_tgt=n_tgt, seed=seed,
+                           device=device, bf16=bf16, ckpt_every=ckpt_every)
+        last = run(base, data, out, ft, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
+    except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
     typer.echo(json.dumps({"out": str(out), **last}))

@@ -38,6 +38,7 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup: int = 100
+    schedule: str = "cosine"  # cosine (pretraining) or constant (fine-tuning) after the warm-up
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -66,9 +67,11 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr at cfg.steps."""
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at cfg.steps (or constant)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
     p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
@@ -118,17 +121,20 @@ class Trainer:
         self.dist = dist or Dist()
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model, self.objective, self.kind = build_model(model_cfg)
+        model, self.objective, self.kind = self.build(model_cfg)
         self.model = model.to(self.device)
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.net: torch.nn.Module = self.model
+        # what the objective calls (the model itself, or a module around it, e.g. a K-step decoder)
+        self.module = self.training_module().to(self.device)
+        self.net: torch.nn.Module = self.module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.net = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.normalizer = store.normalizer
         _, train = store.load("train", float16_parity=cfg.float16_parity)
         xy = store.region.circle_xy
@@ -137,6 +143,17 @@ class Trainer:
         self.val_sampler = TaskSampler(valid, xy, cfg.tasks(1000)) if len(valid) else None
         self.step = 0
         self.best_val = math.inf
+
+    # ---- hooks (fine-tuning overrides them) ---------------------------------------------------
+    def build(self, model_cfg: ModelConfig | Any) -> tuple[torch.nn.Module, Objective, str]:
+        return build_model(model_cfg)
+
+    def training_module(self) -> torch.nn.Module:
+        return self.model
+
+    def validate(self) -> float:
+        return validation_loss(self.ema, self.val_sampler, self.cfg.val_batches, str(self.device), self.cfg.seed,
+                               self.objective)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
@@ -175,7 +192,7 @@ class Trainer:
         loss = self.objective(self.net, batch, _gen(cfg.seed, self.dist.rank, self.step), cfg.bf16)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.opt.step()
         with torch.no_grad():
             d = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
@@ -193,7 +210,7 @@ class Trainer:
         cfg, log = self.cfg, self.out / "log.jsonl"
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="pretrain", disable=not (progress and self.dist.is_main))
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.kind, disable=not (progress and self.dist.is_main))
         t0, tasks, last = time.perf_counter(), 0, {}
         while self.step < (stop_at or cfg.steps):
             rec = self.train_step()
@@ -217,8 +234,7 @@ class Trainer:
                 break
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 if self.val_sampler is not None:
-                    val = validation_loss(self.ema, self.val_sampler, cfg.val_batches, str(self.device), cfg.seed,
-                                          self.objective)
+                    val = self.validate()
                     if self.dist.is_main:
                         with open(log, "a") as f:
                             f.write(json.dumps({"step": self.step, "val_loss_ema": val}) + "\n")

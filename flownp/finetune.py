@@ -1,0 +1,222 @@
+"""Fine-tuning a pretrained FlowNP by maximum likelihood of K-step reconstructions (FT-FlowNP, PROTOCOL 3),
+optionally through a GAV residual added to a frozen or lightly tuned base (PROTOCOL 4).
+
+A task's targets x1 (B, n_tgt, D, normalised) are paired with noise z by a coupling: `inversion` (the
+frozen pretrained field integrated backwards from x1 with a fine midpoint solver, no gradient) or
+`random` (z ~ N(0, I), independent of x1: the optimum is then the conditional mean and samples collapse).
+The decoder takes K explicit Euler steps from z, x_{k+1} = x_k + v(k/K, x_k | context) / K, with gradients
+through every step (`backprop`, `checkpoint`: recompute each step in the backward pass, or `adjoint`:
+torchdiffeq's adjoint Euler, memory-light, re-encoding the context at every step). Loss: the Gaussian
+negative log-likelihood of x1 under N(xhat, diag(sigma^2)) per element, sigma fixed or learned per
+variable, plus an optional flow-matching regulariser. Everything else (warm-up then constant learning
+rate, EMA, clipping, resume, checkpoints) is the pretraining loop's.
+Run: `flownp finetune --from RUN/best.pt --data STORE --out FT [--mode gav]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+from flownp.distributed import init_from_env
+from flownp.paths import flow_matching_loss, sample_path
+from flownp.solvers import SolverConfig, solve
+from flownp.train import TrainConfig, Trainer, validation_loss
+from ingest.store import Store
+from ingest.tasks import TaskBatch
+
+MODES = ("mle", "gav")
+COUPLINGS = ("inversion", "random")
+GRADS = ("backprop", "checkpoint", "adjoint")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What fine-tuning does (the optimiser settings are a TrainConfig). sigma in normalised units."""
+
+    mode: str = "mle"
+    coupling: str = "inversion"
+    k_steps: int = 16
+    inversion_steps: int = 32
+    sigma: float = 0.1
+    learn_sigma: bool = False
+    cfm_weight: float = 0.0
+    grad: str = "backprop"
+    train_base: bool = False
+    gav: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("mode", self.mode, MODES), ("coupling", self.coupling, COUPLINGS),
+                                     ("grad", self.grad, GRADS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.k_steps < 1 or self.inversion_steps < 1:
+            raise ValueError("k_steps and inversion_steps must be >= 1")
+        if not self.sigma > 0:
+            raise ValueError("sigma must be > 0")
+        if self.cfm_weight < 0:
+            raise ValueError("cfm_weight must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@torch.no_grad()
+def invert(model: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
+    """Noise z (B, n_tgt, D) that the flow of `model` carries to batch.yt: the ODE backwards from t = 1
+    to t = 0 with `steps` midpoint steps."""
+    ctx = model.encode_context(batch.xc, batch.yc)
+    sol = solve(lambda t, s: (model.velocity(ctx, batch.xt, s[0], t),), (batch.yt,), 1.0, 0.0,
+                SolverConfig("midpoint", steps))
+    return sol.state[0]
+
+
+def euler_decode(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, z: torch.Tensor,
+                 k: int, grad: str = "backprop") -> torch.Tensor:
+    """K explicit Euler steps from z (B, n_tgt, D) at t = 0 to t = 1, differentiable in the model."""
+    if grad == "adjoint":
+        params = tuple(p for p in model.parameters() if p.requires_grad)
+        f = lambda t, s: (model(xc, yc, xt, s[0], t),)  # noqa: E731  (context re-encoded: its gradient too)
+        return solve(f, (z,), 0.0, 1.0, SolverConfig("euler", k, adjoint=True), params=params).state[0]
+    ctx = model.encode_context(xc, yc)
+    y = z
+    for i in range(k):
+        t = torch.tensor(i / k, dtype=z.dtype, device=z.device)
+        step = lambda y, t=t: y + model.velocity(ctx, xt, y, t) / k  # noqa: E731
+        y = checkpoint(step, y, use_reentrant=False) if grad == "checkpoint" else step(y)
+    return y
+
+
+class Reconstruction(nn.Module):
+    """The fine-tuning objective as one module (so DDP sees every parameter in forward): the model and
+    the per-variable log sigma. forward -> (loss, reconstruction MSE, CFM loss) scalars."""
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, y_dim: int,
+                 log_sigma: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.log_sigma = log_sigma if log_sigma is not None else nn.Parameter(
+            torch.full((y_dim,), math.log(cfg.sigma)), requires_grad=cfg.learn_sigma)
+
+    def forward(self, batch: TaskBatch, z: torch.Tensor,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        xhat = euler_decode(self.model, batch.xc, batch.yc, batch.xt, z, cfg.k_steps, cfg.grad)
+        r = (batch.yt - xhat) / self.log_sigma.exp()
+        nll = (0.5 * r.pow(2) + self.log_sigma + 0.5 * math.log(2 * math.pi)).mean()
+        mse = (batch.yt - xhat).pow(2).mean()
+        cfm = torch.zeros((), device=z.device)
+        if cfg.cfm_weight > 0:
+            path = sample_path(batch.yt, generator=gen)
+            cfm = flow_matching_loss(self.model(batch.xc, batch.yc, batch.xt, path.yt, path.t), path)
+        return nll + cfg.cfm_weight * cfm, mse.detach(), cfm.detach()
+
+
+def build_finetune_model(base: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """The model fine-tuning trains: the base itself (mle) or base + GAV residual (gav)."""
+    if cfg.mode == "mle":
+        return base
+    from flownp.gav import GAVConfig, GAVFlowNP
+
+    return GAVFlowNP(base, GAVConfig.from_dict(cfg.gav or {}), train_base=cfg.train_base)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FineTuner(Trainer):
+    """The pretraining loop with the reconstruction objective; checkpoints record the base they came from."""
+
+    def __init__(self, store: Store, out: str | Path, base_path: str | Path, ft: FinetuneConfig,
+                 cfg: TrainConfig, dist: Any = None) -> None:
+        self.ft, self.base_path = ft, Path(base_path)
+        self.base_ckpt = load_checkpoint(base_path)
+        if self.base_ckpt.get("kind") not in ("pretrain", "finetune"):
+            raise ValueError(f"{base_path}: a FlowNP checkpoint is needed, not a {self.base_ckpt.get('kind')!r}")
+        if self.base_ckpt.get("store_manifest_sha256") != store.manifest_sha256 and \
+                self.base_ckpt.get("normalizer") != store.normalizer.to_dict():
+            raise ValueError(f"{base_path} was trained with another normalisation than this store's")
+        super().__init__(store, out, None, cfg, dist)
+        self.normalizer = type(store.normalizer).from_dict(self.base_ckpt["normalizer"])
+
+    def build(self, _: Any) -> tuple[nn.Module, Any, str]:
+        base = model_from_checkpoint(self.base_ckpt).to(self.cfg.device)
+        # the coupling's frozen copy of the pretrained field
+        self.frozen = model_from_checkpoint(self.base_ckpt).to(self.cfg.device).requires_grad_(False)
+        model = build_finetune_model(base, self.ft)
+        return model, self.objective_fn, "finetune"
+
+    def training_module(self) -> nn.Module:
+        return Reconstruction(self.model, self.ft, self.model.config.y_dim)
+
+    def coupling(self, batch: TaskBatch, gen: torch.Generator) -> torch.Tensor:
+        if self.ft.coupling == "inversion":
+            return invert(self.frozen, batch, self.ft.inversion_steps)
+        return torch.randn(batch.yt.shape, generator=gen, dtype=batch.yt.dtype).to(batch.yt.device)
+
+    def objective_fn(self, net: nn.Module, batch: TaskBatch, gen: torch.Generator, bf16: bool) -> torch.Tensor:
+        z = self.coupling(batch, gen)
+        with torch.autocast(batch.yt.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, mse, cfm = net(batch, z, gen)
+        self.last_parts = {"recon_mse": float(mse), "cfm": float(cfm)}
+        return loss.float()
+
+    def validate(self) -> float:
+        view = Reconstruction(self.ema, self.ft, self.model.config.y_dim, self.module.log_sigma)
+        return validation_loss(view, self.val_sampler, self.cfg.val_batches, str(self.device), self.cfg.seed,
+                               self.objective_fn)
+
+    def train_step(self) -> dict[str, float]:
+        rec = super().train_step()
+        return {**rec, **self.last_parts, "sigma": self.module.log_sigma.exp().tolist()}
+
+    def payload(self) -> dict[str, Any]:
+        p = super().payload()
+        p["model_config"] = self.model.config.to_dict()
+        if self.ft.mode == "gav":
+            p["gav_config"] = self.model.gav_config.to_dict()
+        p.update({
+            "finetune_config": self.ft.to_dict(), "log_sigma": self.module.log_sigma.detach().cpu(),
+            "base_checkpoint": {"path": str(self.base_path), "sha256": sha256_file(self.base_path),
+                                "kind": self.base_ckpt.get("kind"), "step": self.base_ckpt.get("step")},
+        })
+        return p
+
+    def resume(self, path: str | Path) -> None:
+        ck = load_checkpoint(path, map_location=self.device)
+        if ck.get("finetune_config") != self.ft.to_dict():
+            raise ValueError(f"{path}: fine-tuning settings differ from this run's")
+        super().resume(path)
+        with torch.no_grad():
+            self.module.log_sigma.copy_(ck["log_sigma"])
+
+
+def finetune(base: str | Path, data: str | Path, out: str | Path, ft: FinetuneConfig | None = None,
+             cfg: TrainConfig | None = None, *, resume: bool = False, progress: bool = True,
+             max_minutes: float | None = None) -> dict[str, Any]:
+    """Fine-tune the checkpoint `base` on the store at `data`, writing log.jsonl, last.pt, best.pt to `out`."""
+    ft = ft or FinetuneConfig()
+    cfg = cfg or TrainConfig(lr=1e-5, warmup=50, schedule="constant", ema_decay=0.99, batch_size=8)
+    dist = init_from_env(cfg.device)
+    tuner = FineTuner(Store.open(data), out, base, ft, cfg, dist)
+    if resume and (Path(out) / "last.pt").exists():
+        tuner.resume(Path(out) / "last.pt")
+    return tuner.run(progress, max_minutes=max_minutes)
