@@ -170,6 +170,11 @@ def evaluate(
     baseline: Annotated[Optional[list[str]], typer.Option(
         help="Also evaluate: idw, gp, cnp:CKPT, tnpa:CKPT (repeatable).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of one task (truth, mean, std, sample).")] = None,
+    context_noise: Annotated[Optional[list[str]], typer.Option(
+        help="Also evaluate on corrupted contexts: gaussian:STD or salt-pepper:PROB (normalised units; "
+             "repeatable); reports the tar_ll drop and RMSE ratio.")] = None,
+    steps_sweep: Annotated[Optional[str], typer.Option(
+        help="Euler step counts, e.g. 1,2,4,8,16,32: sample RMSE against a dopri5 solve of the same noise.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda (the FlowNP model; baselines run on CPU).")] = "cpu",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
@@ -183,7 +188,9 @@ def evaluate(
                                   n_ctx=_range(n_ctx), seed=seed, batch_size=batch_size, n_samples=samples,
                                   ll_solver=ll_solver, sample_solver=sample_solver, n_probes=probes,
                                   baselines=tuple(baseline or ()), plot=str(plot) if plot else None,
-                                  progress=not quiet, device=device)
+                                  progress=not quiet, device=device,
+                                  context_noise=tuple(context_noise or ()),
+                                  sweep=tuple(int(k) for k in steps_sweep.split(",")) if steps_sweep else ())
     except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
@@ -197,6 +204,11 @@ def evaluate(
             r = res[key]
             typer.echo(f"{r['predictor']['name']:>22}: tar_ll {r['tar_ll']:8.3f} nats/point "
                        f"({r['predictor']['ll_kind']}), rmse {r.get('rmse', {})}")
+    for spec, r in res.get("robustness", {}).items():
+        typer.echo(f"{'context ' + spec:>22}: tar_ll {r['tar_ll']:8.3f} (drop {r['tar_ll_drop']:.3f}), "
+                   f"rmse ratio {r.get('rmse_ratio', {})}")
+    for k, r in res.get("steps_sweep", {}).get("rmse_to_reference", {}).items():
+        typer.echo(f"{'euler ' + k + ' vs dopri5':>22}: rmse {r}")
 
 
 if __name__ == "__main__":

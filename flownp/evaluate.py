@@ -180,11 +180,19 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
                         batch_size: int = 8, n_samples: int = 16, ll_solver: str = "midpoint:100",
                         sample_solver: str = "euler:16", n_probes: int = 1, exact: bool = True,
                         oracle: bool = True, baselines: tuple[str, ...] = (), plot: str | None = None,
-                        progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+                        progress: bool = True, device: str = "cpu", context_noise: tuple[str, ...] = (),
+                        sweep: tuple[int, ...] = (), sweep_samples: int = 4) -> dict[str, Any]:
     """The `flownp evaluate` job: metrics of a checkpoint (and optionally the oracle and baselines) on
-    a frozen evaluation set. Returns a JSON-serialisable dict."""
+    a frozen evaluation set; with `context_noise` the same metrics on corrupted contexts and their drop,
+    with `sweep` the Euler-K sample error against a dopri5 solve. Returns a JSON-serialisable dict."""
     from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+    from flownp.robustness import corrupted, parse_noise, robustness_summary, steps_sweep
     from ingest.store import Store
+
+    for spec in context_noise:
+        parse_noise(spec)  # refuse a bad spec before any work
+    if any(k < 1 for k in sweep):
+        raise ValueError(f"steps sweep needs positive step counts, got {sweep}")
 
     store = Store.open(data)
     ck = load_checkpoint(checkpoint)
@@ -224,6 +232,15 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
         p = make_baseline(b)
         result[baseline_key(b)] = evaluate_predictor(p, batches(), normalizer, n_samples=n_samples, seed=seed,
                                                      progress=progress)
+    if context_noise:
+        result["robustness"] = {}
+        for spec in context_noise:
+            noisy = evaluate_predictor(pred, corrupted(batches(), spec, seed), normalizer, n_samples=n_samples,
+                                       seed=seed, progress=progress)
+            result["robustness"][spec] = robustness_summary(result["flownp"], noisy)
+    if sweep:
+        result["steps_sweep"] = steps_sweep(model, batches(), normalizer, tuple(sweep), n_samples=sweep_samples,
+                                            seed=seed)
     if plot:
         first = next(iter(batches()))
         plot_task(model, first, normalizer, store.region, plot, solver=parse_solver(sample_solver), seed=seed)
