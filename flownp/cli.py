@@ -4,16 +4,45 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 app = typer.Typer(help="FlowNP model jobs.", no_args_is_help=True, add_completion=False)
 
 
+# options shared by the training jobs
+Data = Annotated[Path, typer.Option("--data", help="Store directory (flownp-ingest build).")]
+RunDir = Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")]
+Steps = Annotated[int, typer.Option(help="Optimizer steps.")]
+BatchSize = Annotated[int, typer.Option(help="Tasks per step.")]
+PeakLr = Annotated[float, typer.Option(help="Peak learning rate.")]
+Warmup = Annotated[int, typer.Option(help="Warm-up steps.")]
+NCtx = Annotated[str, typer.Option(help="Context size range MIN-MAX.")]
+NTgt = Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")]
+Seed = Annotated[int, typer.Option(help="Seed.")]
+Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="bf16 autocast (CUDA; slow on CPU).")]
+CkptEvery = Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+MaxMinutes = Annotated[Optional[float], typer.Option(
+    help="Stop after this much wall time, writing last.pt (continue with --resume).")]
+
+
 def _range(spec: str) -> tuple[int, int]:
     lo, _, hi = spec.partition("-")
     return int(lo), int(hi or lo)
+
+
+def _job(run: Callable[[], dict[str, Any]], out: Path) -> None:
+    """Run a training job; a ValueError or missing file is a usage error (exit 2), not a traceback."""
+    try:
+        last = run()
+    except (ValueError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    typer.echo(json.dumps({"out": str(out), **last}))
 
 
 @app.command()
@@ -26,88 +55,84 @@ def version() -> None:
 
 @app.command()
 def pretrain(
-    data: Annotated[Path, typer.Option("--data", help="Store directory (flownp-ingest build).")],
-    out: Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Tasks per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
-    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 100,
-    n_ctx: Annotated[str, typer.Option(help="Context size range MIN-MAX.")] = "2-1199",
-    n_tgt: Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")] = None,
+    data: Data,
+    out: RunDir,
+    steps: Steps = 1000,
+    batch_size: BatchSize = 16,
+    lr: PeakLr = 5e-4,
+    warmup: Warmup = 100,
+    n_ctx: NCtx = "2-1199",
+    n_tgt: NTgt = None,
     arch: Annotated[str, typer.Option(help="cached or reference.")] = "cached",
     targets: Annotated[str, typer.Option(help="joint or independent.")] = "joint",
     encoding: Annotated[str, typer.Option(help="lowfreq or reference.")] = "lowfreq",
     d_model: Annotated[int, typer.Option(help="Transformer width.")] = 64,
     n_layers: Annotated[int, typer.Option(help="Transformer layers.")] = 6,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast (CUDA; slow on CPU).")] = False,
-    ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")] = 200,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
-    max_minutes: Annotated[Optional[float], typer.Option(
-        help="Stop after this much wall time, writing last.pt (continue with --resume).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    bf16: Bf16 = False,
+    ckpt_every: CkptEvery = 200,
+    resume: Resume = False,
+    max_minutes: MaxMinutes = None,
+    quiet: Quiet = False,
 ) -> None:
     """Pretrain FlowNP by conditional flow matching on a store's train split."""
     from flownp.config import ModelConfig
     from flownp.train import TrainConfig, pretrain as run
 
     lo, hi = _range(n_ctx)
-    try:
+
+    def job() -> dict[str, Any]:
         mcfg = ModelConfig(arch=arch, targets=targets, encoding=encoding, d_model=d_model, n_layers=n_layers,
                            d_ff=2 * d_model, embed_hidden=d_model)
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, n_ctx_min=lo,
                            n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, bf16=bf16,
                            ckpt_every=ckpt_every)
-        last = run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
-    except ValueError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
-    typer.echo(json.dumps({"out": str(out), **last}))
+        return run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
+
+    _job(job, out)
 
 
 @app.command("train-baseline")
 def train_baseline(
     kind: Annotated[str, typer.Option("--kind", help="cnp or tnpa.")],
-    data: Annotated[Path, typer.Option("--data", help="Store directory (flownp-ingest build).")],
-    out: Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Tasks per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
-    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 100,
-    n_ctx: Annotated[str, typer.Option(help="Context size range MIN-MAX.")] = "2-1199",
-    n_tgt: Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")] = None,
+    data: Data,
+    out: RunDir,
+    steps: Steps = 1000,
+    batch_size: BatchSize = 16,
+    lr: PeakLr = 5e-4,
+    warmup: Warmup = 100,
+    n_ctx: NCtx = "2-1199",
+    n_tgt: NTgt = None,
     d_model: Annotated[int, typer.Option(help="Width.")] = 64,
     n_layers: Annotated[int, typer.Option(help="CNP: MLP depth; TNP-A: transformer layers.")] = 4,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")] = 200,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
-    max_minutes: Annotated[Optional[float], typer.Option(
-        help="Stop after this much wall time, writing last.pt (continue with --resume).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    ckpt_every: CkptEvery = 200,
+    resume: Resume = False,
+    max_minutes: MaxMinutes = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train a CNP or TNP-A baseline by maximum likelihood on the same tasks as FlowNP."""
     from flownp.baselines.neural import NeuralBaselineConfig
     from flownp.train import TrainConfig, pretrain as run
 
     lo, hi = _range(n_ctx)
-    try:
+
+    def job() -> dict[str, Any]:
         mcfg = NeuralBaselineConfig(kind=kind, d_model=d_model, n_layers=n_layers, d_ff=2 * d_model)
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, n_ctx_min=lo,
                            n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, ckpt_every=ckpt_every)
-        last = run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
-    except ValueError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
-    typer.echo(json.dumps({"out": str(out), **last}))
+        return run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
+
+    _job(job, out)
 
 
 @app.command()
 def finetune(
     base: Annotated[Path, typer.Option("--from", help="Pretrained checkpoint (RUN/best.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Store directory (the base's normalisation).")],
-    out: Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")],
+    out: RunDir,
     mode: Annotated[str, typer.Option(help="mle (tune the whole model) or gav (add a GAV residual).")] = "mle",
     coupling: Annotated[str, typer.Option(help="inversion (frozen base, reverse ODE) or random.")] = "inversion",
     k_steps: Annotated[int, typer.Option(help="Euler steps of the differentiated decoder (K).")] = 16,
@@ -118,39 +143,37 @@ def finetune(
     grad: Annotated[str, typer.Option(help="backprop, checkpoint (less memory) or adjoint (least).")] = "backprop",
     gav_kind: Annotated[str, typer.Option(help="gav: schur (Hurwitz), contracting, or mlp (ablation).")] = "schur",
     train_base: Annotated[bool, typer.Option("--train-base", help="gav: also tune the base model.")] = False,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
-    batch_size: Annotated[int, typer.Option(help="Tasks per step.")] = 8,
+    steps: Steps = 500,
+    batch_size: BatchSize = 8,
     lr: Annotated[float, typer.Option(help="Learning rate after warm-up (constant).")] = 1e-5,
-    warmup: Annotated[int, typer.Option(help="Warm-up steps.")] = 50,
+    warmup: Warmup = 50,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.99,
-    n_ctx: Annotated[str, typer.Option(help="Context size range MIN-MAX.")] = "2-1199",
-    n_tgt: Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast (CUDA; slow on CPU).")] = False,
-    ckpt_every: Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")] = 100,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
-    max_minutes: Annotated[Optional[float], typer.Option(
-        help="Stop after this much wall time, writing last.pt (continue with --resume).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    n_ctx: NCtx = "2-1199",
+    n_tgt: NTgt = None,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    bf16: Bf16 = False,
+    ckpt_every: CkptEvery = 100,
+    resume: Resume = False,
+    max_minutes: MaxMinutes = None,
+    quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained FlowNP by maximum likelihood of K-step reconstructions (optionally GAV)."""
     from flownp.finetune import FinetuneConfig, finetune as run
     from flownp.train import TrainConfig
 
     lo, hi = _range(n_ctx)
-    try:
+
+    def job() -> dict[str, Any]:
         ft = FinetuneConfig(mode=mode, coupling=coupling, k_steps=k_steps, inversion_steps=inversion_steps,
                             sigma=sigma, learn_sigma=learn_sigma, cfm_weight=cfm_weight, grad=grad,
                             train_base=train_base, gav={"kind": gav_kind} if mode == "gav" else None)
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, schedule="constant",
                            ema_decay=ema_decay, n_ctx_min=lo, n_ctx_max=hi, n_tgt=n_tgt, seed=seed,
                            device=device, bf16=bf16, ckpt_every=ckpt_every)
-        last = run(base, data, out, ft, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
-    except (ValueError, FileNotFoundError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
-    typer.echo(json.dumps({"out": str(out), **last}))
+        return run(base, data, out, ft, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
+
+    _job(job, out)
 
 
 @app.command()
