@@ -177,6 +177,50 @@ def finetune(
 
 
 @app.command()
+def retrain(
+    config: Annotated[Path, typer.Option("--config", help="Job file (YAML): see flownp.retrain.RetrainJob.")],
+    quiet: Quiet = False,
+) -> None:
+    """Ingest -> pretrain/continue -> fine-tune -> evaluate -> promote if better. Rerun to continue."""
+    from flownp.retrain import RetrainJob, run_job
+
+    def job() -> dict[str, Any]:
+        return run_job(RetrainJob.from_yaml(config), progress=not quiet)
+
+    _job(job, config)
+
+
+registry_app = typer.Typer(help="The model registry: list, promote, delete versions.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+RegistryRoot = Annotated[Path, typer.Option("--root", help="Registry directory.")]
+
+
+@registry_app.command("list")
+def registry_list(root: RegistryRoot) -> None:
+    """Print every version's manifest (JSON lines), the current one marked."""
+    from flownp.registry import Registry
+
+    for m in Registry(root).list():
+        typer.echo(json.dumps(m))
+
+
+@registry_app.command("promote")
+def registry_promote(root: RegistryRoot, version: Annotated[str, typer.Argument(help="e.g. v0003")]) -> None:
+    """Make VERSION the served model (e.g. to roll back)."""
+    from flownp.registry import Registry
+
+    _job(lambda: (Registry(root).promote(version), {"current": version})[1], root)
+
+
+@registry_app.command("delete")
+def registry_delete(root: RegistryRoot, version: Annotated[str, typer.Argument(help="e.g. v0001")]) -> None:
+    """Delete a version that is not current."""
+    from flownp.registry import Registry
+
+    _job(lambda: (Registry(root).delete(version), {"deleted": version})[1], root)
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint (.pt).")],
     data: Annotated[Path, typer.Option("--data", help="Store directory.")],

@@ -15,7 +15,6 @@ Run: `flownp finetune --from RUN/best.pt --data STORE --out FT [--mode gav]`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,6 +29,7 @@ from flownp.distributed import init_from_env
 from flownp.paths import flow_matching_loss, sample_path
 from flownp.solvers import SolverConfig, solve
 from flownp.train import TrainConfig, Trainer, validation_loss
+from ingest.io import sha256_file
 from ingest.store import Store
 from ingest.tasks import TaskBatch
 
@@ -132,14 +132,6 @@ def build_finetune_model(base: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     from flownp.gav import GAVConfig, GAVFlowNP
 
     return GAVFlowNP(base, GAVConfig.from_dict(cfg.gav or {}), train_base=cfg.train_base)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FineTuner(Trainer):

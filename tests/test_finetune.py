@@ -9,7 +9,8 @@ import torch
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
 from flownp.config import ModelConfig
-from flownp.finetune import FinetuneConfig, FineTuner, euler_decode, invert, sha256_file
+from flownp.finetune import FinetuneConfig, FineTuner, euler_decode, invert
+from ingest.io import sha256_file
 from flownp.sampling import sample
 from flownp.solvers import SolverConfig
 from flownp.train import TrainConfig, Trainer

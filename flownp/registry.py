@@ -1,0 +1,113 @@
+"""Model registry: a directory of immutable, verified model versions and a pointer to the served one.
+
+Layout (ROOT):
+    versions/v0001/model.pt        the checkpoint (self-describing, loads with weights_only=True)
+    versions/v0001/manifest.json   version, created, sha256 of every file, metrics, data window, base
+                                   model, code version, the promotion comparison
+    CURRENT                        the promoted version's name (replaced atomically)
+
+A version directory is assembled under a temporary name and renamed into place, so a reader (the service,
+a notebook) never sees a half-written version, and CURRENT only ever names a complete one. Versions are
+kept until deleted on purpose; the current one cannot be deleted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from flownp import __version__
+from ingest.io import atomic_path, sha256_file
+
+VERSION_RE = re.compile(r"^v\d{4,}$")
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot be done (unknown version, corrupt file, deleting the current)."""
+
+
+class Registry:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+
+    # ---- reading ---------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if VERSION_RE.match(p.name) and p.is_dir())
+
+    def current(self) -> str | None:
+        f = self.root / "CURRENT"
+        if not f.exists():
+            return None
+        name = f.read_text().strip()
+        return name if name in self.versions() else None
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        path = self._dir(version) / "manifest.json"
+        return json.loads(path.read_text())
+
+    def model_path(self, version: str | None = None, *, verify: bool = True) -> Path:
+        """The checkpoint of `version` (default: the current one), its sha256 checked against the manifest."""
+        version = version or self.current()
+        if version is None:
+            raise RegistryError(f"{self.root}: no current model (nothing promoted yet)")
+        path = self._dir(version) / "model.pt"
+        if verify:
+            want = self.manifest(version)["files"]["model.pt"]
+            if sha256_file(path) != want:
+                raise RegistryError(f"version {version}: model.pt does not match its manifest's sha256")
+        return path
+
+    def list(self) -> list[dict[str, Any]]:
+        cur = self.current()
+        return [{**self.manifest(v), "current": v == cur} for v in self.versions()]
+
+    def _dir(self, version: str) -> Path:
+        if not VERSION_RE.match(version or "") or not (self.versions_dir / version).is_dir():
+            raise RegistryError(f"unknown model version {version!r}; have {self.versions()}")
+        return self.versions_dir / version
+
+    # ---- writing ---------------------------------------------------------------------------
+    def add(self, checkpoint: str | Path, *, metrics: dict[str, Any], data: dict[str, Any] | None = None,
+            base: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None,
+            promote: bool = False) -> str:
+        """Copy `checkpoint` in as the next version with its manifest; optionally make it current."""
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        existing = self.versions()
+        version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
+        tmp = self.versions_dir / f".{version}.{os.getpid()}.part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            shutil.copyfile(checkpoint, tmp / "model.pt")
+            manifest = {
+                "version": version, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "files": {"model.pt": sha256_file(tmp / "model.pt")}, "metrics": metrics, "data": data or {},
+                "base": base or {}, "comparison": comparison or {}, "code_version": __version__,
+                "source_checkpoint": str(checkpoint),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            os.replace(tmp, self.versions_dir / version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if promote:
+            self.promote(version)
+        return version
+
+    def promote(self, version: str) -> None:
+        self.model_path(version)  # exists and verifies
+        with atomic_path(self.root / "CURRENT") as tmp:
+            tmp.write_text(version + "\n")
+
+    def delete(self, version: str) -> None:
+        if version == self.current():
+            raise RegistryError(f"version {version} is current; promote another before deleting it")
+        shutil.rmtree(self._dir(version))

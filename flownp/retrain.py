@@ -1,0 +1,250 @@
+"""The offline retraining job: ingest new files -> pretrain (or continue) -> fine-tune -> evaluate on a
+frozen test set -> promote to the registry only if the candidate beats the current model.
+
+`flownp retrain --config JOB.yaml` (a plain YAML file validated by `RetrainJob`). Every stage leaves its
+output in the job's work directory and is skipped when done, training stages resume from their last
+checkpoint, so a killed job rerun with the same config continues where it stopped. Promotion is the last
+step and is atomic (registry.add), and a candidate already in the registry (same sha256) is never added
+twice, so a rerun after a crash at any point never half-promotes or double-promotes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flownp.registry import Registry
+from ingest.io import sha256_file, write_json_atomic
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalSpec(_Strict):
+    split: Literal["valid", "test"] = "test"
+    n_tasks: int = Field(16, ge=1)
+    n_ctx: str = "50-1000"
+    n_tgt: Optional[int] = Field(245, ge=1)
+    seed: int = 0
+    ll_solver: str = "midpoint:25"
+    metric: Literal["tar_ll"] = "tar_ll"
+    min_gain: float = Field(0.0, description="nats per point the candidate must win by")
+
+
+class PretrainSpec(_Strict):
+    init: Literal["scratch", "current"] = "scratch"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(100, ge=0)
+    n_ctx: str = "50-1000"
+    n_tgt: Optional[int] = None
+    d_model: int = 64
+    n_layers: int = 6
+    targets: Literal["joint", "independent"] = "joint"
+    seed: int = 0
+    ckpt_every: int = 200
+
+
+class FinetuneSpec(_Strict):
+    mode: Literal["mle", "gav"] = "mle"
+    coupling: Literal["inversion", "random"] = "inversion"
+    gav_kind: Literal["schur", "contracting", "mlp"] = "schur"
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    warmup: int = Field(20, ge=0)
+    k_steps: int = Field(16, ge=1)
+    inversion_steps: int = Field(16, ge=1)
+    n_ctx: str = "50-1000"
+    n_tgt: Optional[int] = 128
+    seed: int = 0
+    ckpt_every: int = 50
+
+
+class RetrainJob(_Strict):
+    """What one retraining job does. Paths are relative to the config file's directory."""
+
+    work: str
+    registry: str
+    store: str
+    raw: list[str] = Field(default_factory=list, description="glob patterns of new raw ERA5 files to ingest")
+    pretrain: Optional[PretrainSpec] = None
+    finetune: Optional[FinetuneSpec] = None
+    evaluate: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "RetrainJob":
+        if self.pretrain is None and self.finetune is None:
+            raise ValueError("a job needs a pretrain or a finetune stage (or both)")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RetrainJob":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a retraining config is a mapping")
+        job = cls.model_validate(raw)
+        base = path.parent
+        fix = lambda p: str(p if Path(p).is_absolute() else base / p)  # noqa: E731
+        return job.model_copy(update={"work": fix(job.work), "registry": fix(job.registry), "store": fix(job.store),
+                                      "raw": [fix(p) for p in job.raw]})
+
+
+def _range(spec: str) -> tuple[int, int]:
+    lo, _, hi = spec.partition("-")
+    return int(lo), int(hi or lo)
+
+
+def _done(run: Path, steps: int) -> bool:
+    from flownp.checkpoint import load_checkpoint
+
+    return (run / "last.pt").exists() and int(load_checkpoint(run / "last.pt")["step"]) >= steps
+
+
+def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = None) -> dict[str, Any]:
+    """Run (or continue) the job; returns its state. `stop_after` (a stage name) ends the job there, as a
+    crash would (for tests)."""
+    from flownp.config import ModelConfig
+    from flownp.evaluate import evaluate_checkpoint
+    from flownp.finetune import FinetuneConfig, finetune
+    from flownp.train import TrainConfig, Trainer
+    from ingest.build import build_store
+    from ingest.store import Store
+    from ingest.tasks import make_eval_set, save_eval_set
+
+    work, reg = Path(job.work), Registry(job.registry)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.json"
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    save = lambda: write_json_atomic(state_path, state)  # noqa: E731
+
+    def stage(name: str) -> bool:
+        """True when the job should stop here (testing hook)."""
+        state.setdefault("done", [])
+        if name not in state["done"]:
+            state["done"].append(name)
+        save()
+        return stop_after == name
+
+    # 1. ingest (incremental: files already in the store are skipped)
+    files = sorted({f for pattern in job.raw for f in glob.glob(pattern)})
+    if job.raw and not files:
+        raise ValueError(f"no raw files match {job.raw}")
+    if files:
+        build_store(files, job.store, progress=progress)
+    store = Store.open(job.store)
+    if stage("ingest"):
+        return state
+
+    # 2. the frozen evaluation set, drawn once per job directory
+    es_dir = work / "evalset"
+    if not (es_dir / "manifest.json").exists():
+        e = job.evaluate
+        times, _ = store.load(e.split, normalized=False)
+        lo, hi = _range(e.n_ctx)
+        save_eval_set(make_eval_set(times, store.region.n_points, split=e.split, n_tasks=min(e.n_tasks, len(times)),
+                                    n_ctx_min=lo, n_ctx_max=hi, n_tgt=e.n_tgt, seed=e.seed,
+                                    extra={"store_manifest_sha256": store.manifest_sha256}), es_dir)
+
+    current = reg.current()
+    candidate: Path | None = None
+    # 3. pretrain (from scratch, or continuing the current model's weights)
+    if job.pretrain:
+        p, run = job.pretrain, work / "pretrain"
+        lo, hi = _range(p.n_ctx)
+        tcfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup, n_ctx_min=lo,
+                           n_ctx_max=hi, n_tgt=p.n_tgt, seed=p.seed, ckpt_every=p.ckpt_every)
+        if not _done(run, p.steps):
+            mcfg = ModelConfig(d_model=p.d_model, n_layers=p.n_layers, d_ff=2 * p.d_model, embed_hidden=p.d_model,
+                               targets=p.targets)
+            if p.init == "current" and current:
+                from flownp.checkpoint import load_checkpoint
+
+                mcfg = ModelConfig.from_dict(load_checkpoint(reg.model_path(current))["model_config"])
+            t = Trainer(store, run, mcfg, tcfg)
+            if (run / "last.pt").exists():
+                t.resume(run / "last.pt")
+            elif p.init == "current" and current:
+                from flownp.checkpoint import load_checkpoint
+
+                ck = load_checkpoint(reg.model_path(current))
+                t.model.load_state_dict(ck["model"])
+                t.ema.load_state_dict(ck["ema"])
+                state["pretrain_init"] = current
+            t.run(progress=progress)
+        candidate = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
+    if stage("pretrain"):
+        return state
+
+    # 4. fine-tune (the pretrained candidate, or the current model when there is no pretraining)
+    if job.finetune:
+        f, run = job.finetune, work / "finetune"
+        base = candidate or (reg.model_path(current) if current else None)
+        if base is None:
+            raise ValueError("fine-tuning needs a pretrain stage or a current model in the registry")
+        lo, hi = _range(f.n_ctx)
+        ft = FinetuneConfig(mode=f.mode, coupling=f.coupling, k_steps=f.k_steps, inversion_steps=f.inversion_steps,
+                            gav={"kind": f.gav_kind} if f.mode == "gav" else None)
+        tcfg = TrainConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, warmup=f.warmup, schedule="constant",
+                           ema_decay=0.95, n_ctx_min=lo, n_ctx_max=hi, n_tgt=f.n_tgt, seed=f.seed,
+                           ckpt_every=f.ckpt_every)
+        if not _done(run, f.steps):
+            finetune(base, job.store, run, ft, tcfg, resume=True, progress=progress)
+        candidate = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
+    if stage("finetune"):
+        return state
+
+    # 5. evaluate the candidate and the current model on the same frozen set
+    assert candidate is not None
+    e = job.evaluate
+
+    def score(ckpt: Path, name: str) -> dict[str, Any]:
+        out = work / f"eval-{name}.json"
+        sha = sha256_file(ckpt)
+        if out.exists():
+            r = json.loads(out.read_text())
+            if r.get("checkpoint_sha256") == sha:
+                return r
+        r = evaluate_checkpoint(str(ckpt), job.store, split=e.split, eval_set=str(es_dir), n_samples=0,
+                                ll_solver=e.ll_solver, exact=False, oracle=False, progress=progress)
+        r["checkpoint_sha256"] = sha
+        write_json_atomic(out, r)
+        return r
+
+    cand = score(candidate, "candidate")
+    cur = score(reg.model_path(current), "current") if current else None
+    if stage("evaluate"):
+        return state
+
+    # 6. promote (atomic; never twice for the same candidate)
+    cand_metric = cand["flownp"][e.metric]
+    cur_metric = cur["flownp"][e.metric] if cur else None
+    wins = cur_metric is None or cand_metric > cur_metric + e.min_gain
+    comparison = {"metric": e.metric, "candidate": cand_metric, "current": cur_metric, "current_version": current,
+                  "min_gain": e.min_gain, "eval_set": cand["eval_set"], "promoted": wins}
+    state["comparison"] = comparison
+    already = [m["version"] for m in reg.list() if m.get("files", {}).get("model.pt") == cand["checkpoint_sha256"]]
+    if wins and not already:
+        data = {"store": job.store, "store_manifest_sha256": store.manifest_sha256,
+                "years_per_split": store.manifest.get("years_per_split"),
+                "maps_per_split": store.manifest.get("maps_per_split")}
+        state["promoted"] = reg.add(candidate, metrics={e.metric: cand_metric, "eval": cand["flownp"]}, data=data,
+                                    base={"previous_current": current, "model": cand["flownp"]["predictor"]["model"]}, comparison=comparison,
+                                    promote=True)
+    elif already:
+        state["promoted"] = already[0]
+    else:
+        state["promoted"] = None
+    stage("promote")
+    return state

@@ -1,0 +1,118 @@
+"""Retraining and the registry: a worse candidate is not promoted, a better one is (with the comparison
+in its manifest), a job killed between fine-tuning and promotion leaves the registry unchanged and a
+rerun continues without redoing finished stages; versions are verified and the current one protected."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flownp.cli import app
+from flownp.registry import Registry, RegistryError
+from flownp.retrain import RetrainJob, run_job
+
+TINY = {"d_model": 16, "n_layers": 1, "batch_size": 4, "n_ctx": "60-60", "n_tgt": 24, "warmup": 2, "lr": 2e-3}
+EVAL = {"n_tasks": 4, "n_ctx": "100-100", "n_tgt": 24, "ll_solver": "midpoint:8"}
+
+
+def job_file(tmp_path, name, store, pretrain=None, finetune=None, raw=()):
+    cfg = {"work": f"work-{name}", "registry": "registry", "store": str(store), "raw": list(raw),
+           "evaluate": EVAL}
+    if pretrain:
+        cfg["pretrain"] = {**TINY, **pretrain}
+    if finetune:
+        cfg["finetune"] = finetune
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture()
+def store(tiny_store, tmp_path):
+    dst = tmp_path / "store"
+    shutil.copytree(tiny_store, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_promotes_only_a_better_candidate(store, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    good = run_job(RetrainJob.from_yaml(job_file(tmp_path, "good", store, {"steps": 120, "ckpt_every": 60})),
+                   progress=False)
+    assert good["promoted"] == "v0001" and reg.current() == "v0001"
+    assert reg.manifest("v0001")["comparison"]["current"] is None  # first model: nothing to beat
+    bad = run_job(RetrainJob.from_yaml(job_file(tmp_path, "bad", store, {"steps": 2, "ckpt_every": 2})),
+                  progress=False)
+    assert bad["promoted"] is None and bad["comparison"]["candidate"] < bad["comparison"]["current"]
+    assert reg.versions() == ["v0001"] and reg.current() == "v0001"
+    better = run_job(RetrainJob.from_yaml(job_file(tmp_path, "better", store, {"steps": 60, "init": "current",
+                                                                                 "ckpt_every": 60})),
+                     progress=False)
+    m = reg.manifest("v0002")
+    assert better["promoted"] == "v0002" and reg.current() == "v0002"
+    assert better["pretrain_init"] == "v0001"
+    assert m["comparison"]["current_version"] == "v0001" and m["comparison"]["candidate"] > m["comparison"]["current"]
+    assert m["files"]["model.pt"] and m["data"]["years_per_split"]["test"] == [1989]
+
+
+@pytest.mark.slow
+def test_killed_between_finetune_and_promotion_leaves_registry_unchanged(store, tmp_path):
+    path = job_file(tmp_path, "ft", store, {"steps": 40, "ckpt_every": 20},
+                    {"steps": 2, "batch_size": 2, "k_steps": 2, "inversion_steps": 2, "n_ctx": "60-60", "n_tgt": 16,
+                     "ckpt_every": 2})
+    job = RetrainJob.from_yaml(path)
+    state = run_job(job, progress=False, stop_after="finetune")
+    assert state["done"] == ["ingest", "pretrain", "finetune"]
+    reg = Registry(tmp_path / "registry")
+    assert reg.versions() == [] and reg.current() is None
+    log = tmp_path / "work-ft" / "pretrain" / "log.jsonl"
+    before = log.read_text()
+    state = run_job(job, progress=False)  # the rerun continues: nothing retrained, then promotes
+    assert log.read_text() == before
+    assert state["promoted"] == "v0001" and reg.current() == "v0001"
+    assert reg.manifest("v0001")["base"]["model"]["d_model"] == 16
+    again = run_job(job, progress=False)  # a third run promotes nothing new
+    assert again["promoted"] == "v0001" and reg.versions() == ["v0001"]
+
+
+def test_registry_verifies_files_and_protects_current(tmp_path):
+    reg = Registry(tmp_path / "r")
+    src = tmp_path / "m.pt"
+    src.write_bytes(b"weights-1")
+    v1 = reg.add(src, metrics={"tar_ll": 1.0}, promote=True)
+    src.write_bytes(b"weights-2")
+    v2 = reg.add(src, metrics={"tar_ll": 2.0})
+    assert (v1, v2) == ("v0001", "v0002") and reg.current() == "v0001"
+    with pytest.raises(RegistryError, match="current"):
+        reg.delete("v0001")
+    with pytest.raises(RegistryError, match="unknown model version"):
+        reg.model_path("v0009")
+    with pytest.raises(RegistryError, match="unknown model version"):
+        reg.manifest("../etc")
+    (reg.versions_dir / "v0002" / "model.pt").write_bytes(b"tampered")
+    with pytest.raises(RegistryError, match="sha256"):
+        reg.promote("v0002")
+    assert reg.current() == "v0001"
+    reg.delete("v0002")
+    assert reg.versions() == ["v0001"]
+    assert not list(reg.versions_dir.glob(".*part"))
+    rows = [json.loads(x) for x in CliRunner().invoke(app, ["registry", "list", "--root", str(reg.root)]).output.splitlines()]
+    assert rows[0]["version"] == "v0001" and rows[0]["current"] is True
+
+
+@pytest.mark.parametrize("text, match", [
+    ("work: w\nregistry: r\nstore: s\n", "pretrain or a finetune"),
+    ("work: w\nregistry: r\nstore: s\npretrain: {steps: 0}\n", "greater than or equal"),
+    ("work: w\nregistry: r\nstore: s\npretrain: {}\nsurprise: 1\n", "Extra inputs"),
+    ("[1, 2", "not valid YAML"),
+    ("- a\n- b\n", "mapping"),
+])
+def test_bad_job_files_are_refused(tmp_path, text, match):
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        RetrainJob.from_yaml(p)
+    r = CliRunner().invoke(app, ["retrain", "--config", str(p)])
+    assert r.exit_code == 2
