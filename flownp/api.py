@@ -1,0 +1,176 @@
+"""Python API for analysis (Jupyter): extrapolate xarray observations in ERA5 units with a FlowNP model.
+
+    from flownp.api import Extrapolator
+    ex = Extrapolator.from_registry("registry")            # or .from_checkpoint("run/best.pt")
+    ctx = ex.circle_dataset(values, index)                  # or any Dataset with latitude/longitude
+    out = ex.extrapolate(ctx, targets="circle", num_samples=16)
+    out.t2m.mean("sample"); out.log_likelihood
+
+Datasets have one dimension `point` with coordinates `latitude`, `longitude` (degrees north / east,
+-180..180) and data variables `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1] (ERA5 units). Conversion to the
+model's space goes through ingest.variables (units) and the checkpoint's normaliser, nowhere else.
+Log-likelihoods are in nats for the values in ERA5 units (a density over Pa, K, m s-1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from flownp.evaluate import parse_solver
+from flownp.likelihood import log_likelihood
+from flownp.sampling import sample
+from ingest.normalize import Normalizer
+from ingest.region import Region
+from ingest.variables import BY_NAME, NAMES
+
+
+class Extrapolator:
+    """A loaded model with its normaliser and region. Shapes inside: context (1, n_ctx, 2|4)."""
+
+    def __init__(self, model: Any, normalizer: Normalizer, region: Region, meta: dict[str, Any] | None = None):
+        self.model, self.normalizer, self.region, self.meta = model.eval(), normalizer, region, meta or {}
+        # log |d model-space / d ERA5 units| per point: unit scale (Pa -> kPa) over the normaliser's std
+        scale = np.array([BY_NAME[n].scale for n in NAMES]) / np.asarray(normalizer.std)
+        self._log_jac = float(np.log(np.abs(scale)).sum())
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Extrapolator":
+        from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+
+        ck = load_checkpoint(path)
+        return cls(model_from_checkpoint(ck), Normalizer.from_dict(ck["normalizer"]), Region.from_dict(ck["region"]),
+                   {"checkpoint": str(path), "kind": ck.get("kind"), "step": ck.get("step")})
+
+    @classmethod
+    def from_registry(cls, root: str | Path, version: str | None = None) -> "Extrapolator":
+        from flownp.registry import Registry
+
+        reg = Registry(root)
+        ex = cls.from_checkpoint(reg.model_path(version))
+        ex.meta["version"] = version or reg.current()
+        return ex
+
+    # ---- conversions (the one place: ERA5 units <-> normalised model space) -------------------
+    def _xy(self, ds: xr.Dataset) -> torch.Tensor:
+        for c in ("latitude", "longitude"):
+            if c not in ds.coords and c not in ds:
+                raise ValueError(f"dataset needs a '{c}' coordinate (degrees)")
+        lat, lon = np.asarray(ds["latitude"], float), np.asarray(ds["longitude"], float)
+        if np.any(lon > 180):
+            raise ValueError("longitudes must be in -180..180 degrees east (got 0..360 values)")
+        b = self.region.bounds
+        inside = (lat >= b["south"]) & (lat <= b["north"]) & (lon >= b["west"]) & (lon <= b["east"])
+        if not inside.all():
+            raise ValueError(f"{int((~inside).sum())} points lie outside the model's region "
+                             f"({b['south']}..{b['north']} N, {b['west']}..{b['east']} E)")
+        return torch.from_numpy(self.region.to_model(lon, lat).astype(np.float32))
+
+    def _values(self, ds: xr.Dataset) -> torch.Tensor:
+        missing = [n for n in NAMES if n not in ds]
+        if missing:
+            raise ValueError(f"dataset lacks variables {missing} (ERA5 short names, ERA5 units)")
+        model_units = np.stack([BY_NAME[n].era5_to_model(np.asarray(ds[n], float)) for n in NAMES], -1)
+        for j, n in enumerate(NAMES):
+            lo, hi = BY_NAME[n].plausible
+            if not np.all(np.isfinite(model_units[:, j])) or np.any((model_units[:, j] < lo) | (model_units[:, j] > hi)):
+                raise ValueError(f"{n}: values must be finite and physical in {BY_NAME[n].era5_units}")
+        return torch.from_numpy(self.normalizer.normalize(model_units).astype(np.float32))
+
+    def _to_era5(self, y: np.ndarray) -> np.ndarray:
+        """Normalised (..., 4) -> ERA5 units (..., 4)."""
+        m = self.normalizer.denormalize(y)
+        return np.stack([BY_NAME[n].model_to_era5(m[..., j]) for j, n in enumerate(NAMES)], -1)
+
+    # ---- datasets ---------------------------------------------------------------------------
+    def circle_dataset(self, values_era5: np.ndarray | None = None, index: np.ndarray | None = None) -> xr.Dataset:
+        """The region's circle points (or a subset `index`) as a Dataset, with values (P, 4) in ERA5 units."""
+        idx = np.arange(self.region.n_points) if index is None else np.asarray(index)
+        ds = xr.Dataset(coords={"latitude": ("point", self.region.circle_lat[idx]),
+                                "longitude": ("point", self.region.circle_lon[idx])})
+        if values_era5 is not None:
+            for j, n in enumerate(NAMES):
+                ds[n] = ("point", np.asarray(values_era5)[..., j], {"units": BY_NAME[n].era5_units})
+        return ds
+
+    def _targets(self, context: xr.Dataset, targets: xr.Dataset | str) -> xr.Dataset:
+        if isinstance(targets, str):
+            if targets != "circle":
+                raise ValueError("targets: a Dataset of points or 'circle'")
+            key = lambda lat, lon: set(zip(np.round(lat, 4).tolist(), np.round(lon, 4).tolist()))  # noqa: E731
+            taken = key(np.asarray(context["latitude"], float), np.asarray(context["longitude"], float))
+            circle = zip(np.round(self.region.circle_lat, 4).tolist(), np.round(self.region.circle_lon, 4).tolist())
+            return self.circle_dataset(index=np.array([i for i, p in enumerate(circle) if p not in taken]))
+        return targets
+
+    # ---- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def extrapolate(self, context: xr.Dataset, targets: xr.Dataset | str = "circle", *, num_samples: int = 8,
+                    solver: str = "euler:16", seed: int = 0, with_log_likelihood: bool = True,
+                    ll_solver: str = "midpoint:50") -> xr.Dataset:
+        """Samples (sample, point) of the four variables at the targets, in ERA5 units, with each sample's
+        joint log-likelihood given the context."""
+        tg = self._targets(context, targets)
+        xc, yc, xt = self._xy(context)[None], self._values(context)[None], self._xy(tg)[None]
+        smp = sample(self.model, xc, yc, xt, n_samples=num_samples, solver=parse_solver(solver),
+                     generator=torch.Generator().manual_seed(seed)).samples[0]  # (S, n, 4)
+        out = tg[["latitude", "longitude"]].copy()
+        era5 = self._to_era5(smp.numpy())
+        for j, n in enumerate(NAMES):
+            out[n] = (("sample", "point"), era5[..., j], {"units": BY_NAME[n].era5_units})
+        if with_log_likelihood:
+            ll = log_likelihood(self.model, xc.expand(num_samples, -1, -1), yc.expand(num_samples, -1, -1),
+                                xt.expand(num_samples, -1, -1), smp, solver=parse_solver(ll_solver), estimator="auto")
+            out["log_likelihood"] = ("sample", ll.joint.numpy() + xt.shape[1] * self._log_jac,
+                                     {"units": "nats", "estimator": ll.estimator, "solver": ll.solver})
+        out.attrs.update({"sampler": solver, "seed": seed, "n_context": int(xc.shape[1]),
+                          "model": str(self.meta.get("version") or self.meta.get("checkpoint", ""))})
+        return out
+
+    def log_likelihood(self, context: xr.Dataset, observed: xr.Dataset, *, solver: str = "midpoint:100",
+                       estimator: str = "auto", n_probes: int = 1) -> xr.Dataset:
+        """Joint log-likelihood (nats, ERA5 units) of observed values at their points given the context."""
+        xc, yc = self._xy(context)[None], self._values(context)[None]
+        xt, yt = self._xy(observed)[None], self._values(observed)[None]
+        res = log_likelihood(self.model, xc, yc, xt, yt, solver=parse_solver(solver), estimator=estimator,
+                             n_probes=n_probes)
+        joint = float(res.joint[0]) + xt.shape[1] * self._log_jac
+        return xr.Dataset({"log_likelihood": ((), joint, {"units": "nats"}),
+                           "log_likelihood_per_point": ((), joint / xt.shape[1], {"units": "nats"})},
+                          attrs={"estimator": res.estimator, "solver": res.solver, "n_probes": res.n_probes})
+
+
+def plot_fields(out: xr.Dataset, truth: xr.Dataset | None = None, context: xr.Dataset | None = None,
+                path: str | None = None) -> Any:
+    """Rows: variables; columns: truth (if given), sample mean, sample std. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    cols = ([("truth", truth)] if truth is not None else []) + [("mean", out.mean("sample")), ("std", out.std("sample"))]
+    fig, axes = plt.subplots(len(NAMES), len(cols), figsize=(4 * len(cols), 3.2 * len(NAMES)), squeeze=False)
+    for i, n in enumerate(NAMES):
+        for j, (title, ds) in enumerate(cols):
+            ax = axes[i, j]
+            sc = ax.scatter(ds["longitude"], ds["latitude"], c=ds[n], s=8, cmap="viridis")
+            if context is not None:
+                ax.scatter(context["longitude"], context["latitude"], s=1, c="k", alpha=0.4)
+            ax.set_title(f"{n} {title} [{BY_NAME[n].era5_units}]", fontsize=9)
+            ax.set_aspect("equal")
+            fig.colorbar(sc, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=80)
+    return fig
+
+
+def calibration(out: xr.Dataset, truth: xr.Dataset, levels: tuple[float, ...] = (0.5, 0.8, 0.9)) -> xr.Dataset:
+    """Fraction of truth values inside the central `levels` intervals of the samples, per variable."""
+    rows = {}
+    for n in NAMES:
+        s, y = out[n].values, np.asarray(truth[n])
+        rows[n] = ("level", [float(np.mean((y >= np.quantile(s, (1 - q) / 2, axis=0)) &
+                                            (y <= np.quantile(s, (1 + q) / 2, axis=0)))) for q in levels])
+    return xr.Dataset(rows, coords={"level": list(levels)})
