@@ -50,8 +50,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True) -> FlowNP:
-    """Rebuild the model from what the checkpoint stores (EMA weights when present and asked for)."""
-    model = FlowNP(ModelConfig.from_dict(ckpt["model_config"]))
+    """Rebuild the model from what the checkpoint stores (EMA weights when present and asked for): a
+    FlowNP, or a FlowNP with a GAV residual when the checkpoint holds a `gav_config`."""
+    model: Any = FlowNP(ModelConfig.from_dict(ckpt["model_config"]))
+    if ckpt.get("gav_config") is not None:
+        from flownp.gav import GAVConfig, GAVFlowNP
+
+        model = GAVFlowNP(model, GAVConfig.from_dict(ckpt["gav_config"]))
     state = ckpt.get("ema") if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
     return model.eval()

@@ -80,10 +80,15 @@ def _divergence(v: torch.Tensor, y: torch.Tensor, estimator: str, probes: torch.
     return div[:, None]
 
 
+KnownFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig = SolverConfig("midpoint", 100),
                       estimator: str = "hutchinson", n_probes: int = 1, probe: str = "rademacher",
-                      seed: int = 0, create_graph: bool = False) -> LikelihoodResult:
-    """Log density of y1 (B, n, D) under the flow of `vf(t, y)` from N(0, I) at t = 0."""
+                      seed: int = 0, create_graph: bool = False, known: KnownFn | None = None) -> LikelihoodResult:
+    """Log density of y1 (B, n, D) under the flow of `vf(t, y)` (+ `known`) from N(0, I) at t = 0.
+    `known(t, y) -> (r (B, n, D), div r (B,))`: a further field whose divergence is known exactly (a GAV
+    residual): it moves the state but is kept out of the estimator."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator == "hutchinson" and n_probes < 1:
@@ -96,6 +101,9 @@ def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig 
             y_in = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
             v = vf(t, y_in)
             div = _divergence(v, y_in, estimator, probes, create_graph)
+            if known is not None:
+                r, div_r = known(t, y_in)
+                v, div = v + r, div + div_r[:, None]
         if not create_graph:
             v, div = v.detach(), div.detach()
         return v, div
@@ -129,6 +137,12 @@ def log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Ten
             estimator = "exact-full" if estimator == "exact" else "hutchinson"
     with torch.set_grad_enabled(create_graph):
         ctx = model.encode_context(xc, yc)
-    return log_likelihood_fn(lambda t, y: model.velocity(ctx, xt, y, t), yt, solver=solver,
-                             estimator=estimator, n_probes=n_probes, probe=probe, seed=seed,
-                             create_graph=create_graph)
+    vf: VelocityFn = lambda t, y: model.velocity(ctx, xt, y, t)  # noqa: E731
+    known: KnownFn | None = None
+    gav = getattr(model, "gav_config", None)
+    if gav is not None and gav.kind != "mlp":
+        # GAV: the base field's divergence is estimated, the structured residual's is exact (n * tr H)
+        vf = lambda t, y: model.base.velocity(ctx.base, xt, y, t)  # noqa: E731
+        known = lambda t, y: (model.residual_velocity(ctx, xt, y, t), model.residual_divergence(ctx, y, t))  # noqa: E731
+    return log_likelihood_fn(vf, yt, solver=solver, estimator=estimator, n_probes=n_probes, probe=probe,
+                             seed=seed, create_graph=create_graph, known=known)

@@ -1,0 +1,252 @@
+"""Generalized artificial viscosity (GAV, PROTOCOL 4): a residual added to a pretrained FlowNP field,
+
+    v_total(t, y | C) = v(t, y | C) + r(t, y | C),   r = H(t, C) (y - m(t, x, C)),
+
+with H (D x D, D = y_dim = 4) Hurwitz by construction and shared by every target point (block diagonal
+over points, so the model stays permutation-equivariant), and m a per-point centre. Kinds:
+- `schur`: H = U T U^T, U orthogonal (Cayley transform of a skew matrix), T upper triangular with
+  diagonal -(softplus(a) + eps): eigenvalues = diag(T) < 0, so every deviation decays (Hurwitz), but the
+  symmetric part may be indefinite (transient growth is possible);
+- `contracting`: H = -U D U^T + K (D > 0 diagonal, K skew): the symmetric part -U D U^T is negative
+  definite, so the residual field contracts in the Euclidean metric at every instant;
+- `mlp`: the paper's ablation, r = MLP(t, x, y, summary) per point, no structure (divergence by autograd).
+For a large state, `lowrank_cayley_apply` applies the Cayley factor of a rank-2r skew matrix in O(d r^2)
+with the Sherman-Morrison-Woodbury identity. The structured residual's divergence is exact and cheap,
+sum over points of tr H (n_tgt tr H for a shared t), and enters the likelihood analytically.
+
+Flow time t: a float, a 0-d tensor, (B,) or (B, 1) (one H per task), or (B, n_tgt) (one H per point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("schur", "contracting", "mlp")
+
+
+@dataclass(frozen=True)
+class GAVConfig:
+    """kind: schur | contracting | mlp; hidden: width of the small conditioning nets; eps: minimum damping
+    rate of H (1 / flow time); init_rate: the damping rate at initialisation, where H = -init_rate I and
+    m = 0 (the mlp residual starts at exactly 0), so fine-tuning starts from the pretrained field;
+    detach_summary: the context summary carries no gradient into the base's embedding."""
+
+    kind: str = "schur"
+    hidden: int = 64
+    eps: float = 1e-4
+    init_rate: float = 1e-3
+    detach_summary: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"GAV kind must be one of {KINDS}, got {self.kind!r}")
+        if not (self.eps > 0 and self.init_rate > 0 and self.hidden > 0):
+            raise ValueError("eps, init_rate and hidden must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GAVConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---- structured matrices ------------------------------------------------------------------------
+def skew(a: torch.Tensor) -> torch.Tensor:
+    """A - A^T, (..., d, d)."""
+    return a - a.transpose(-1, -2)
+
+
+def cayley(s: torch.Tensor) -> torch.Tensor:
+    """Orthogonal U = (I - S)(I + S)^{-1} for skew-symmetric S (..., d, d), det U = +1. (I - S) and
+    (I + S)^{-1} commute, so U = (I + S)^{-1}(I - S): one linear solve (I + S is always invertible)."""
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    return torch.linalg.solve(eye + s, eye - s)
+
+
+def hurwitz_schur(s_raw: torch.Tensor, t_raw: torch.Tensor, a: torch.Tensor, eps: float) -> torch.Tensor:
+    """H = U T U^T: U = cayley(s_raw - s_raw^T), T = strict upper part of t_raw + diag(-(softplus(a) + eps)).
+    s_raw, t_raw (..., d, d), a (..., d) -> (..., d, d) with eigenvalues -(softplus(a) + eps)."""
+    u = cayley(skew(s_raw))
+    t = torch.triu(t_raw, diagonal=1) + torch.diag_embed(-(F.softplus(a) + eps))
+    return u @ t @ u.transpose(-1, -2)
+
+
+def contracting(s_raw: torch.Tensor, d_raw: torch.Tensor, k_raw: torch.Tensor, eps: float) -> torch.Tensor:
+    """H = -U diag(softplus(d_raw) + eps) U^T + (k_raw - k_raw^T), U = cayley(s_raw - s_raw^T):
+    symmetric part -U D U^T <= -eps I. s_raw, k_raw (..., d, d), d_raw (..., d) -> (..., d, d)."""
+    u = cayley(skew(s_raw))
+    return -(u * (F.softplus(d_raw) + eps).unsqueeze(-2)) @ u.transpose(-1, -2) + skew(k_raw)
+
+
+def lowrank_cayley_apply(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """U x for U = cayley(S), S = P Q^T - Q P^T (rank <= 2r), without forming S: O(d r^2 + d r m).
+    p, q (..., d, r), x (..., d, m) -> (..., d, m). S = W Z^T with W = [P, -Q], Z = [Q, P], and
+    (I + W Z^T)^{-1} v = v - W (I_2r + Z^T W)^{-1} Z^T v (Sherman-Morrison-Woodbury)."""
+    w, z = torch.cat([p, -q], -1), torch.cat([q, p], -1)
+    zt = z.transpose(-1, -2)
+    v = x - w @ (zt @ x)  # (I - S) x
+    small = torch.eye(w.shape[-1], dtype=x.dtype, device=x.device) + zt @ w  # (..., 2r, 2r)
+    return v - w @ torch.linalg.solve(small, zt @ v)
+
+
+# ---- the residual field -------------------------------------------------------------------------
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    """Two hidden SiLU layers; the output layer starts at zero."""
+    net = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                        nn.Linear(hidden, n_out))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
+
+
+def flow_times(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Flow time for targets like (B, n, D): (B, 1) when shared by a task's points, else (B, n)."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.dim() == 2:
+        return t
+    return t.reshape(-1, 1).expand(like.shape[0], 1) if t.dim() <= 1 else t
+
+
+def context_summary(ctx: Any, detach: bool = True) -> torch.Tensor:
+    """Permutation-invariant summary of a FlowNP Context: the mean of its embedded context tokens,
+    (B, n_ctx, d_model) -> (B, d_model)."""
+    s = ctx.tokens.mean(1)
+    return s.detach() if detach else s
+
+
+class GAVResidual(nn.Module):
+    """r(t, x, y | summary) for target sets (B, n, ·), acting on each point separately. summary
+    (B, d_model); H depends on (t, summary), m on (t, x, summary); the mlp kind on (t, x, y, summary)."""
+
+    def __init__(self, cfg: GAVConfig, d_model: int, x_dim: int = 2, y_dim: int = 4) -> None:
+        super().__init__()
+        self.cfg, self.y_dim = cfg, y_dim
+        dd = y_dim * y_dim
+        if cfg.kind == "mlp":
+            self.net = _mlp(d_model + 1 + x_dim + y_dim, cfg.hidden, y_dim)
+            return
+        # raw parameters of H: schur (s_raw, t_raw, a), contracting (s_raw, k_raw, d_raw)
+        self.h_net = _mlp(d_model + 1, cfg.hidden, 2 * dd + y_dim)
+        # softplus(bias) + eps = init_rate: H = -init_rate I at initialisation
+        rate = torch.tensor(max(cfg.init_rate - cfg.eps, 1e-8), dtype=torch.float64)
+        self.h_bias = nn.Parameter(torch.cat([torch.zeros(2 * dd, dtype=torch.float64),
+                                              torch.log(torch.expm1(rate)).expand(y_dim)]).float())
+        self.m_net = _mlp(d_model + 1 + x_dim, cfg.hidden, y_dim)
+
+    @staticmethod
+    def _cond(summary: torch.Tensor, t: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+        """[summary, t, more...] per point: summary (B, d), t (B, k), more (B, k, ·) -> (B, k, ·)."""
+        return torch.cat([summary[:, None].expand(-1, t.shape[1], -1), t[..., None], *more], -1)
+
+    def matrix(self, summary: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """H (B, k, D, D) for summary (B, d_model) and flow times t (B, k), k = 1 or n. Built in at least
+        float32 with autocast off (a linear solve has no bf16 kernel)."""
+        d, raw = self.y_dim, self.h_net(self._cond(summary, t))
+        with torch.autocast(raw.device.type, enabled=False):
+            dt = torch.promote_types(raw.dtype, torch.float32)
+            raw = raw.to(dt) + self.h_bias.to(dt)
+            m1, m2, diag = raw[..., :d * d].unflatten(-1, (d, d)), \
+                raw[..., d * d:2 * d * d].unflatten(-1, (d, d)), raw[..., 2 * d * d:]
+            if self.cfg.kind == "schur":
+                return hurwitz_schur(m1, m2, diag, self.cfg.eps)
+            return contracting(m1, diag, m2, self.cfg.eps)
+
+    def centre(self, summary: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """m (B, n, D) for xt (B, n, x_dim) and t (B, k)."""
+        return self.m_net(self._cond(summary, t.expand(xt.shape[:2]), xt))
+
+    def forward(self, summary: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
+                t: torch.Tensor | float) -> torch.Tensor:
+        """r (B, n, D) for summary (B, d_model), xt (B, n, x_dim), yt (B, n, D)."""
+        t = flow_times(t, yt)
+        if self.cfg.kind == "mlp":
+            return self.net(self._cond(summary, t.expand(yt.shape[:2]), xt, yt))
+        h = self.matrix(summary, t)  # (B, k, D, D) broadcast over the n points
+        r = (h @ (yt - self.centre(summary, xt, t)).unsqueeze(-1)).squeeze(-1)
+        return r.to(torch.promote_types(yt.dtype, r.dtype))
+
+    def divergence(self, summary: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, t: torch.Tensor | float,
+                   create_graph: bool = False) -> torch.Tensor:
+        """Exact div_y r summed over the n target points, (B,). Structured kinds: sum of tr H over the
+        points (n tr H for a shared t), no autograd; mlp: D vector-Jacobian products with one-hot
+        cotangents (exact, as r acts on each point separately)."""
+        t = flow_times(t, yt)
+        if self.cfg.kind != "mlp":
+            tr = torch.diagonal(self.matrix(summary, t), dim1=-2, dim2=-1).sum(-1)  # (B, k)
+            return tr.sum(1) * (yt.shape[1] if t.shape[1] == 1 else 1)
+        with torch.enable_grad():
+            y = yt if (create_graph and yt.requires_grad) else yt.detach().requires_grad_(True)
+            r = self(summary, xt, y, t)
+            div = torch.zeros(yt.shape[0], dtype=r.dtype, device=r.device)
+            for j in range(self.y_dim):
+                u = torch.zeros_like(r)
+                u[..., j] = 1
+                g = torch.autograd.grad(r, y, u, retain_graph=True, create_graph=create_graph)[0]
+                div = div + g[..., j].sum(-1)
+        return div if create_graph else div.detach()
+
+
+# ---- base + residual ----------------------------------------------------------------------------
+@dataclass
+class GAVContext:
+    """The base model's Context and the residual's context summary (B, d_model)."""
+
+    base: Any               # flownp.model.Context
+    summary: torch.Tensor
+
+    def repeat(self, n: int) -> "GAVContext":
+        """The same context for n samples per task: B -> B * n (sample index fastest), as Context.repeat."""
+        return GAVContext(self.base.repeat(n), self.summary.repeat_interleave(n, dim=0))
+
+
+class GAVFlowNP(nn.Module):
+    """A FlowNP (frozen unless train_base) plus a GAV residual, with FlowNP's interface (config, joint,
+    encode_context, velocity, forward), so sampling, likelihoods and evaluation use it unchanged."""
+
+    def __init__(self, base: nn.Module, cfg: GAVConfig | None = None, train_base: bool = False) -> None:
+        super().__init__()
+        self.base, self.gav_config = base, cfg or GAVConfig()
+        self.base.requires_grad_(train_base)
+        c = base.config
+        self.residual = GAVResidual(self.gav_config, c.d_model, c.x_dim, c.y_dim)
+
+    @property
+    def config(self) -> Any:
+        """The base model's ModelConfig."""
+        return self.base.config
+
+    @property
+    def joint(self) -> bool:
+        return self.base.joint
+
+    def encode_context(self, xc: torch.Tensor, yc: torch.Tensor) -> GAVContext:
+        ctx = self.base.encode_context(xc, yc)
+        return GAVContext(ctx, context_summary(ctx, self.gav_config.detach_summary))
+
+    def residual_velocity(self, ctx: GAVContext, xt: torch.Tensor, yt: torch.Tensor,
+                          t: torch.Tensor | float) -> torch.Tensor:
+        """r (B, n, D)."""
+        return self.residual(ctx.summary, xt, yt, t)
+
+    def residual_divergence(self, ctx: GAVContext, yt: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor | None:
+        """(B,) exact divergence of the residual summed over the targets yt (B, n, D) (sum of tr H), or None
+        for mlp, whose divergence the likelihood's estimator takes together with the base's
+        (`self.residual.divergence(ctx.summary, xt, yt, t)` gives it exactly)."""
+        if self.gav_config.kind == "mlp":
+            return None
+        return self.residual.divergence(ctx.summary, yt[..., :0], yt, t)
+
+    def velocity(self, ctx: GAVContext, xt: torch.Tensor, yt: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """v + r, (B, n, D)."""
+        return self.base.velocity(ctx.base, xt, yt, t) + self.residual_velocity(ctx, xt, yt, t)
+
+    def forward(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
+                t: torch.Tensor | float) -> torch.Tensor:
+        return self.velocity(self.encode_context(xc, yc), xt, yt, t)
