@@ -109,9 +109,9 @@ def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
 def flow_times(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     """Flow time for targets like (B, n, D): (B, 1) when shared by a task's points, else (B, n)."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.dim() == 2:
-        return t
-    return t.reshape(-1, 1).expand(like.shape[0], 1) if t.dim() <= 1 else t
+    if t.dim() > 2:
+        raise ValueError(f"flow time must be a scalar, (B,), (B, 1) or (B, n), got shape {tuple(t.shape)}")
+    return t if t.dim() == 2 else t.reshape(-1, 1).expand(like.shape[0], 1)
 
 
 def context_summary(ctx: Any, detach: bool = True) -> torch.Tensor:
@@ -168,15 +168,16 @@ class GAVResidual(nn.Module):
         t = flow_times(t, yt)
         if self.cfg.kind == "mlp":
             return self.net(self._cond(summary, t.expand(yt.shape[:2]), xt, yt))
-        h = self.matrix(summary, t)  # (B, k, D, D) broadcast over the n points
-        r = (h @ (yt - self.centre(summary, xt, t)).unsqueeze(-1)).squeeze(-1)
-        return r.to(torch.promote_types(yt.dtype, r.dtype))
+        dev = yt - self.centre(summary, xt, t)
+        h = self.matrix(summary, t)  # (B, k, D, D), broadcast over the n points
+        with torch.autocast(yt.device.type, enabled=False):
+            return (h @ dev.to(h.dtype).unsqueeze(-1)).squeeze(-1)
 
-    def divergence(self, summary: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, t: torch.Tensor | float,
+    def divergence(self, summary: torch.Tensor, xt: torch.Tensor | None, yt: torch.Tensor, t: torch.Tensor | float,
                    create_graph: bool = False) -> torch.Tensor:
         """Exact div_y r summed over the n target points, (B,). Structured kinds: sum of tr H over the
         points (n tr H for a shared t), no autograd; mlp: D vector-Jacobian products with one-hot
-        cotangents (exact, as r acts on each point separately)."""
+        cotangents (exact, as r acts on each point separately); xt may be None for the structured kinds."""
         t = flow_times(t, yt)
         if self.cfg.kind != "mlp":
             tr = torch.diagonal(self.matrix(summary, t), dim1=-2, dim2=-1).sum(-1)  # (B, k)
@@ -241,7 +242,7 @@ class GAVFlowNP(nn.Module):
         (`self.residual.divergence(ctx.summary, xt, yt, t)` gives it exactly)."""
         if self.gav_config.kind == "mlp":
             return None
-        return self.residual.divergence(ctx.summary, yt[..., :0], yt, t)
+        return self.residual.divergence(ctx.summary, None, yt, t)
 
     def velocity(self, ctx: GAVContext, xt: torch.Tensor, yt: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """v + r, (B, n, D)."""
