@@ -1,0 +1,109 @@
+"""deploy/ cannot be run here (no Docker engine, no cluster): check what can be checked. Every YAML parses,
+the manifests carry what they must (probes on /livez and /readyz, resources, the API key from a Secret,
+an elastic torchrun with c10d rendezvous that resumes), and every command they run exists in the package
+and parses with the options given."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from flownp.cli import app as flownp_app
+from flownp.retrain import RetrainJob
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def scripts() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def parses(args: list[str]) -> None:
+    """The flownp CLI accepts these arguments (options and values checked, nothing run)."""
+    cmd = typer.main.get_command(flownp_app)
+    ctx = cmd.make_context("flownp", list(args))
+    sub = cmd.get_command(ctx, args[0])
+    sub.make_context(args[0], list(args[1:]), parent=ctx)
+
+
+def test_every_yaml_parses():
+    files = list(DEPLOY.rglob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        assert docs(f), f
+
+
+def test_dockerfile_entry_command_is_a_console_script():
+    text = (DEPLOY / "Dockerfile").read_text()
+    cmd = re.search(r'^CMD \[(.*)\]$', text, re.M)
+    assert cmd, "Dockerfile needs an exec-form CMD"
+    exe = cmd.group(1).split(",")[0].strip().strip('"')
+    assert exe in scripts(), f"{exe} is not a console script of the package"
+    assert "USER 10001" in text and "HEALTHCHECK" in text and "TORCH_INDEX" in text
+
+
+def test_serving_deployment_has_probes_resources_and_secret_key():
+    dep = next(d for d in docs(DEPLOY / "k8s" / "serving.yaml") if d["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    assert c["command"][0] in scripts()
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    keys_mount = env["FLOWNP_API_KEYS_FILE"].rsplit("/", 1)[0]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert "secret" in vols[mounts[keys_mount]]  # the key comes from a Secret, never from the manifest
+    assert not any("key" in (e.get("value") or "").lower() and "/" not in e.get("value", "") for e in c["env"])
+
+
+def test_training_job_is_elastic_torchrun_that_resumes():
+    job = next(d for d in docs(DEPLOY / "k8s" / "training-job.yaml") if d["kind"] == "Job")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    cmd = c["command"]
+    assert cmd[0] == "torchrun" and "--rdzv-backend=c10d" in cmd and any(a.startswith("--nnodes=") for a in cmd)
+    assert any(a.startswith("--max-restarts=") for a in cmd)
+    i = cmd.index("flownp.cli")
+    args = [a for a in cmd[i + 1:]]
+    assert "--resume" in args
+    parses(args)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_compose_runs_the_service_and_a_valid_retraining_job():
+    comp = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    api, job = comp["services"]["api"], comp["services"]["retrain"]
+    assert "registry:/registry:ro" in api["volumes"] and any(v.startswith("registry:/registry") for v in job["volumes"])
+    assert job["command"][:2] == ["flownp", "retrain"]
+    parses(job["command"][1:])
+    cfg = RetrainJob.model_validate(yaml.safe_load((DEPLOY / "jobs" / "retrain.yaml").read_text()))
+    assert cfg.registry == "/registry" and cfg.pretrain and cfg.finetune
+
+
+def test_readme_documents_what_was_not_run():
+    text = (ROOT / "README.md").read_text()
+    assert "deploy/" in text and re.search(r"not (been )?run", text)
+
+
+@pytest.mark.parametrize("args", [["pretrain", "--data", "s", "--out", "o", "--no-such-option"],
+                                  ["finetune", "--from", "x"]])
+def test_the_parse_check_can_fail(args):
+    with pytest.raises(Exception):
+        parses(args)
+
+
+def test_shell_lines_in_readme_deploy_section_parse():
+    text = (ROOT / "README.md").read_text()
+    for m in re.finditer(r"^\s+(flownp (?:retrain|registry) [^\n#]*)", text, re.M):
+        parses(shlex.split(m.group(1))[1:])
