@@ -1,0 +1,330 @@
+"""The engine: verified model loading, and model work run off the event loop with limits.
+
+Concurrency: a thread pool of `workers` threads (torch releases the GIL inside its kernels, and uses its
+own intra-op threads within each job) behind an admission counter: at most workers + max_queue jobs are
+admitted, the rest get 503 with Retry-After. Each job has a deadline (queue wait included): the model is
+wrapped so that every velocity evaluation checks it, so a late job stops within one solver step and the
+caller gets 504. Results are reproducible: the request's seed drives a torch.Generator for the noise and
+the Hutchinson probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+from flownp.likelihood import log_likelihood
+from flownp.sampling import sample
+from flownp.solvers import SolverConfig
+from ingest.normalize import Normalizer
+from ingest.region import Region
+from ingest.variables import BY_NAME, NAMES
+from service import convert, default_model
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("flownp.service")
+
+
+class LoadError(RuntimeError):
+    """A configured model could not be loaded (missing file, sha256 mismatch, foreign file)."""
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+# ---- models ---------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A served model: the network, the normaliser and region it was trained with, and its manifest."""
+
+    version: str
+    model: Any
+    normalizer: Normalizer
+    region: Region
+    info: dict[str, Any]
+    log_jac: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_jac = convert.log_jacobian(self.normalizer)
+
+    @property
+    def independent(self) -> bool:
+        return getattr(self.model.config, "targets", "joint") == "independent"
+
+
+def _verified_checkpoint(path: Path, sha256: str, what: str) -> tuple[dict[str, Any], str]:
+    """Read the file once, check its sha256, then torch.load (weights_only=True) those same bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LoadError(f"{what}: cannot read the checkpoint ({exc.strerror})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256.strip().lower():
+        raise LoadError(f"{what}: sha256 mismatch (file {digest[:12]}..., manifest {sha256[:12]}...)")
+    try:
+        return load_checkpoint(io.BytesIO(data)), digest
+    except Exception as exc:  # foreign or corrupt file
+        raise LoadError(f"{what}: not a loadable checkpoint ({type(exc).__name__})") from None
+
+
+def _build(version: str, ck: dict[str, Any], digest: str, source: str, extra: dict[str, Any]) -> LoadedModel:
+    model = model_from_checkpoint(ck)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    region = Region.from_dict(ck["region"])
+    normalizer = Normalizer.from_dict(ck["normalizer"])
+    cfg = ck["model_config"]
+    independent = cfg.get("targets") == "independent"
+    info = {
+        "version": version, "source": source, "sha256": digest, "kind": ck.get("kind"), "step": ck.get("step"),
+        "synthetic": bool(extra.pop("synthetic", False)), "model_config": cfg,
+        "gav": ck.get("gav_config") is not None,
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "log_likelihood": {"auto": "exact-blocks" if independent else "hutchinson",
+                           "exact": "exact-blocks" if independent else "exact-full (small target sets)"},
+        "variables": {n: {"units": BY_NAME[n].era5_units, "long_name": BY_NAME[n].long_name} for n in NAMES},
+        "normalizer": normalizer.to_dict(),
+        "region": {"name": region.name, "centre_latitude": region.centre_lat, "centre_longitude": region.centre_lon,
+                   "radius_degrees": region.circle_radius_index * region.resolution,
+                   "circle_points": region.n_points, "bounds": region.bounds},
+        "store_manifest_sha256": ck.get("store_manifest_sha256"), "versions": ck.get("versions"), **extra,
+    }
+    return LoadedModel(version, model, normalizer, region, info)
+
+
+def load_models(settings: Settings) -> dict[str, LoadedModel]:
+    """The configured models (registry and/or checkpoint), else the embedded default. Only configured
+    paths are read; every file's sha256 is checked against its manifest before torch.load."""
+    out: dict[str, LoadedModel] = {}
+    if settings.registry is not None:
+        from flownp.registry import Registry
+
+        reg = Registry(settings.registry)
+        current = reg.current()
+        names = reg.versions() if settings.registry_all else [current]
+        if not names or names == [None]:
+            raise LoadError("registry: no promoted version to serve")
+        for v in names:
+            man = reg.manifest(v)
+            ck, digest = _verified_checkpoint(reg.versions_dir / v / "model.pt", man["files"]["model.pt"],
+                                              f"registry version {v}")
+            out[v] = _build(v, ck, digest, "registry", {"current": v == current, "metrics": man.get("metrics"),
+                                                         "created": man.get("created")})
+    if settings.checkpoint is not None:
+        path = settings.checkpoint
+        sha = settings.checkpoint_sha256
+        side = path.with_name(path.name + ".sha256")
+        if sha is None and side.exists():
+            sha = side.read_text().split()[0] if side.read_text().split() else None
+        if not sha:
+            raise LoadError("checkpoint: no recorded sha256; set FLOWNP_CHECKPOINT_SHA256 or write "
+                            "<checkpoint>.sha256 (sha256sum output)")
+        version = settings.checkpoint_version or path.stem
+        ck, digest = _verified_checkpoint(path, sha, f"checkpoint {version}")
+        out[version] = _build(version, ck, digest, "checkpoint", {})
+    if not out:
+        ckpt, _ = default_model.default_paths()
+        man = default_model.read_manifest()
+        ck, digest = _verified_checkpoint(ckpt, man["sha256"], "embedded default model")
+        extra = {k: man.get(k) for k in ("description", "recipe", "trained_on")}
+        out[man["version"]] = _build(man["version"], ck, digest, "embedded", {**extra, "synthetic": True})
+    return out
+
+
+# ---- deadline-aware model view ----------------------------------------------------------------------
+class _Watched:
+    """The model as flownp.sampling / flownp.likelihood see it, checking the deadline at every velocity
+    evaluation (so a late job stops within one solver step)."""
+
+    def __init__(self, model: Any, deadline: float) -> None:
+        self._m, self._deadline = model, deadline
+
+    def _check(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise DeadlineExceeded
+
+    @property
+    def config(self) -> Any:
+        return self._m.config
+
+    def encode_context(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._m.encode_context(*a, **kw)
+
+    def velocity(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._m.velocity(*a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._m, name)
+
+
+# ---- the work ------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """One request's model inputs: context (1, n_ctx, 2|4) and targets (1, n_tgt, 2), normalised."""
+
+    xc: torch.Tensor
+    yc: torch.Tensor
+    xt: torch.Tensor
+    yt: torch.Tensor | None = None
+
+
+def resolve_estimator(lm: LoadedModel, estimator: str, n_tgt: int, settings: Settings) -> str:
+    """'auto' | 'exact' | 'hutchinson' -> what flownp.likelihood will use; exact-full is size-capped."""
+    if estimator == "hutchinson" or (estimator == "auto" and not lm.independent):
+        return "hutchinson"
+    if lm.independent:
+        return "exact-blocks"
+    if n_tgt > settings.max_exact_full_targets:
+        raise ApiError(422, "too_many", f"the exact trace of this joint-target model costs one backward pass "
+                       f"per target value; at most {settings.max_exact_full_targets} targets (got {n_tgt}); "
+                       "use estimator 'hutchinson' or 'auto'")
+    return "exact-full"
+
+
+def run_extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: SolverConfig, seed: int,
+                    with_ll: bool, ll_solver: SolverConfig, estimator: str, n_probes: int,
+                    deadline: float) -> dict[str, Any]:
+    """Samples (S, n_tgt, 4) in ERA5 units and, if asked, each sample's joint log-likelihood [nats, ERA5
+    units] with its estimator. Runs in a worker thread."""
+    m = _Watched(lm.model, deadline)
+    gen = torch.Generator().manual_seed(seed)
+    res = sample(m, task.xc, task.yc, task.xt, n_samples=num_samples, solver=solver, generator=gen)
+    smp = res.samples[0]  # (S, n, 4) normalised
+    out: dict[str, Any] = {"samples": convert.normalised_to_era5(smp.numpy(), lm.normalizer), "nfe": res.nfe}
+    if with_ll:
+        s, n = num_samples, task.xt.shape[1]
+        ll = log_likelihood(m, task.xc.expand(s, -1, -1), task.yc.expand(s, -1, -1), task.xt.expand(s, -1, -1),
+                            smp, solver=ll_solver, estimator=estimator, n_probes=n_probes, seed=seed)
+        out["ll"] = {"joint": (ll.joint.numpy().astype(np.float64) + n * lm.log_jac),
+                     "joint_normalised": ll.joint.numpy().astype(np.float64),
+                     "spread": None if ll.spread is None else ll.spread.numpy().astype(np.float64),
+                     "estimator": ll.estimator, "n_probes": ll.n_probes, "nfe": ll.nfe}
+    return out
+
+
+def run_log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, estimator: str, n_probes: int,
+                       seed: int, deadline: float) -> dict[str, Any]:
+    """Joint log p(yt | xt, context) [nats] in ERA5 units and normalised units. Runs in a worker thread."""
+    m = _Watched(lm.model, deadline)
+    ll = log_likelihood(m, task.xc, task.yc, task.xt, task.yt, solver=solver, estimator=estimator,
+                        n_probes=n_probes, seed=seed)
+    n = task.xt.shape[1]
+    return {"joint": float(ll.joint[0]) + n * lm.log_jac, "joint_normalised": float(ll.joint[0]),
+            "spread": None if ll.spread is None else float(ll.spread[0]), "estimator": ll.estimator,
+            "n_probes": ll.n_probes, "nfe": ll.nfe, "n_targets": n}
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+class Engine:
+    """Loaded models plus the worker pool. `load()` (blocking) loads and warms up; `submit()` runs a job."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.models: dict[str, LoadedModel] = {}
+        self.default: str | None = None
+        self.ready = False
+        self.load_error: str | None = None
+        self._jobs = 0
+        self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="flownp-engine")
+
+    # loading
+    def load(self) -> None:
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        try:
+            models = load_models(self.settings)
+            default = self.settings.default_version or next(
+                (v for v, m in models.items() if m.info.get("current")), next(iter(models)))
+            if default not in models:
+                raise LoadError(f"default version {default!r} is not among the loaded models {sorted(models)}")
+            for v, m in models.items():
+                m.info["default"] = v == default
+            self.models, self.default = models, default
+            if self.settings.warmup:
+                for lm in models.values():
+                    self.warm_up(lm)
+            self.ready = True
+            log.info("models ready: %s (default %s)", sorted(models), default)
+        except Exception as exc:
+            self.load_error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
+            log.error("model loading failed: %s", self.load_error)
+
+    def warm_up(self, lm: LoadedModel) -> None:
+        """One small job through the same code path (first calls allocate and pick kernels)."""
+        r = lm.region
+        vals = convert.normalised_to_era5(np.zeros((64, 4)), lm.normalizer)
+        task = Task(torch.from_numpy(convert.xy(r, r.circle_lat[:64], r.circle_lon[:64]))[None],
+                    torch.from_numpy(convert.era5_to_normalised(vals, lm.normalizer))[None],
+                    torch.from_numpy(convert.xy(r, r.circle_lat[-16:], r.circle_lon[-16:]))[None])
+        run_extrapolate(lm, task, num_samples=2, solver=SolverConfig("euler", 2), seed=0, with_ll=True,
+                        ll_solver=SolverConfig("midpoint", 1), estimator="hutchinson", n_probes=1,
+                        deadline=time.monotonic() + 600)
+
+    def get(self, version: str | None) -> LoadedModel:
+        v = version or self.default
+        if v not in self.models:
+            raise ApiError(404, "model_not_found", f"unknown model version {version!r}; GET /v1/models lists "
+                           f"the loaded ones: {sorted(self.models)}")
+        return self.models[v]
+
+    # running
+    async def submit(self, op: str, fn: Callable[[float], Any], timeout_s: float | None) -> tuple[Any, dict[str, float]]:
+        """Run fn(deadline) in a worker. Returns (result, timing {queue_s, engine_s}). 503 when full or
+        not ready, 504 past the deadline."""
+        if not self.ready:
+            raise ApiError(503, "not_ready", "the model is loading or warming up; retry shortly",
+                           headers={"Retry-After": "5"})
+        s = self.settings
+        if self._jobs >= s.workers + s.max_queue:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise ApiError(503, "overloaded", f"all {s.workers} worker(s) busy and {s.max_queue} request(s) "
+                           "queued; retry later", headers={"Retry-After": "1"})
+        timeout = min(timeout_s or s.request_timeout_s, s.request_timeout_s)
+        deadline = time.monotonic() + timeout
+        t_submit = time.perf_counter()
+
+        def call() -> tuple[Any, dict[str, float]]:
+            t0 = time.perf_counter()
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded
+            r = fn(deadline)
+            t1 = time.perf_counter()
+            self.metrics.engine_seconds.labels(op).observe(t1 - t0)
+            return r, {"queue_s": t0 - t_submit, "engine_s": t1 - t0}
+
+        loop = asyncio.get_running_loop()
+        self._jobs += 1
+        self.metrics.engine_jobs.inc()
+        fut = loop.run_in_executor(self._pool, call)
+
+        def done(_: Any) -> None:
+            self._jobs -= 1
+            self.metrics.engine_jobs.dec()
+
+        fut.add_done_callback(done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout + 0.5)
+        except (DeadlineExceeded, asyncio.TimeoutError):
+            self.metrics.rejected.labels("deadline").inc()
+            raise ApiError(504, "deadline_exceeded", f"the request took longer than its deadline of {timeout:g} s; "
+                           "ask for fewer points, samples or steps, or a longer timeout_s") from None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+

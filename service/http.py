@@ -1,0 +1,158 @@
+"""HTTP plumbing: body reading (size, content type, strict JSON), validation into our errors, format
+negotiation, API-key auth, and an ASGI middleware for metrics and last-resort 500s."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, from_validation
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("flownp.service")
+M = TypeVar("M", bound=BaseModel)
+NETCDF = "application/x-netcdf"
+
+
+def _no_constant(token: str) -> Any:
+    raise ApiError(422, "non_finite", f"{token} is not allowed: every number must be finite")
+
+
+def _finite(token: str) -> float:
+    x = float(token)
+    if x in (float("inf"), float("-inf")):
+        raise ApiError(422, "non_finite", f"{token[:20]} overflows to infinity: every number must be finite")
+    return x
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ApiError(422, "duplicate_key", f"key {k[:40]!r} appears twice in one JSON object")
+        out[k] = v
+    return out
+
+
+async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object: 415 unless application/json, 413 past max_bytes, 400 if not JSON,
+    422 for NaN/Infinity or duplicated keys."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "unsupported_media_type", f"send the request as application/json (got "
+                       f"{ctype[:60] or 'no content type'!r})")
+    too_big = ApiError(413, "body_too_large", f"the request body exceeds {max_bytes} bytes; send fewer points")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks), parse_constant=_no_constant, parse_float=_finite,
+                          object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError):  # our hooks raise ApiError, which passes through
+        raise ApiError(400, "invalid_json", "the body is not valid JSON (UTF-8)") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_type", "the body must be a JSON object")
+    return data
+
+
+def validate(model: type[M], data: dict[str, Any], settings: Settings) -> M:
+    try:
+        return model.model_validate(data, context={"settings": settings})
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+def choose_format(asked: str | None, accept: str) -> str:
+    """'json' or 'netcdf': the body's `format`, else the Accept header; 406 for anything else."""
+    if asked:
+        return asked
+    a = accept.lower()
+    if "netcdf" in a:
+        return "netcdf"
+    if not a.strip() or "json" in a or "*/*" in a or "application/*" in a:
+        return "json"
+    raise ApiError(406, "not_acceptable", f"this route answers application/json or {NETCDF}")
+
+
+class ApiKeys:
+    """Hashed API-key check: sha256 of the presented key against stored sha256 digests with
+    hmac.compare_digest (constant time, every stored key compared). Empty: auth off."""
+
+    def __init__(self, digests: list[bytes]) -> None:
+        self._digests = digests
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def check(self, request: Request) -> None:
+        if not self._digests:
+            return
+        key = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if key is None and auth[:7].lower() == "bearer ":
+            key = auth[7:].strip()
+        if not key:
+            raise ApiError(401, "unauthorized", "this server needs an API key: send 'Authorization: Bearer "
+                           "KEY' or 'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        ok = False
+        for d in self._digests:
+            ok |= hmac.compare_digest(digest, d)
+        if not ok:
+            raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+
+
+class Observe:
+    """ASGI middleware: request counts and latency by route template, in-flight gauge, and a JSON 500
+    (no trace, no path) for anything unhandled."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500, "started": False}
+
+        async def send_wrapped(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                status["code"], status["started"] = msg["status"], True
+            await send(msg)
+
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapped)
+        except Exception:
+            log.exception("unhandled error")
+            status["code"] = 500
+            if not status["started"]:
+                body = json.dumps({"error": {"code": "internal_error",
+                                             "message": "the server failed on this request; it has been logged"}}).encode()
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(label, scope.get("method", ""), str(status["code"])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)

@@ -1,0 +1,211 @@
+"""Request schemas (pydantic v2): strict types, unknown fields rejected, NaN/Infinity rejected.
+
+Values arrive in ERA5 physical units (sp [Pa], t2m [K], u10/v10 [m s-1]) and coordinates in degrees
+(latitude north, longitude east in -180..180). Limits (points, samples, steps) come from the Settings
+passed as validation context: `Model.model_validate(data, context={"settings": settings})`.
+Region checks need the served model's region and happen in service.convert.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from ingest.variables import BY_NAME, NAMES, resolve_alias
+from service.settings import Settings
+
+Solver = Literal["euler", "midpoint", "rk4"]
+Estimator = Literal["auto", "exact", "hutchinson"]
+Part = Literal["samples", "mean", "std", "quantiles", "log_likelihood"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    ctx = info.context or {}
+    return ctx.get("settings") or Settings()
+
+
+def _err(code: str, msg: str, **kw: Any) -> PydanticCustomError:
+    """A validation error whose type is our stable code; the message is formatted here."""
+    return PydanticCustomError(code, msg.format(**kw).replace("{", "(").replace("}", ")"))
+
+
+class Points(Strict):
+    """Locations: equal-length lists of latitude [degrees north] and longitude [degrees east]."""
+
+    latitude: list[float] = Field(min_length=1, description="Degrees north.")
+    longitude: list[float] = Field(min_length=1, description="Degrees east, -180..180.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "Points":
+        if len(self.latitude) != len(self.longitude):
+            raise _err("length_mismatch", "latitude has {a} values but longitude has {b}",
+                       a=len(self.latitude), b=len(self.longitude))
+        return self
+
+    @property
+    def n(self) -> int:
+        return len(self.latitude)
+
+
+def _unit_hint(name: str, lo: float, hi: float) -> str:
+    if name == "t2m" and -90 <= lo and hi <= 65:
+        return " (these look like degrees Celsius: send kelvin, e.g. 273.15 for 0 degC)"
+    if name == "sp" and 40 <= lo and hi <= 115:
+        return " (these look like kPa: send pascals, e.g. 101325)"
+    if name == "sp" and 400 <= lo and hi <= 1150:
+        return " (these look like hPa: send pascals, e.g. 101325)"
+    return ""
+
+
+class Observations(Points):
+    """Points with values of all four variables (ERA5 short names or CDS long names), ERA5 units."""
+
+    values: dict[str, list[float]] = Field(
+        description="Per variable, one value per point: sp [Pa], t2m [K], u10 [m s-1], v10 [m s-1].")
+    time: dt.datetime | None = Field(None, description="Valid time (echoed back; the model is stationary).")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        if isinstance(v, str):  # strict mode takes no strings for datetimes: parse ISO 8601 here
+            try:
+                return dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                raise _err("invalid_value", "time must be ISO 8601, e.g. 2017-01-15T12:00:00Z") from None
+        return v
+
+    @field_validator("values")
+    @classmethod
+    def _variables(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for key, col in v.items():
+            name = resolve_alias(key)
+            if name is None:
+                raise _err("unknown_variable", "unknown variable {key!r}; use {names}", key=key,
+                           names=", ".join(NAMES))
+            if name in out:
+                raise _err("duplicated_variable", "variable {name} is given twice (as {key!r} too)",
+                           name=name, key=key)
+            out[name] = col
+        missing = [n for n in NAMES if n not in out]
+        if missing:
+            raise _err("missing_variable", "values lack {missing}: all of sp [Pa], t2m [K], u10, v10 [m s-1] "
+                       "are needed", missing=", ".join(missing))
+        for name in NAMES:  # physical ranges, checked in model units through the one conversion
+            var = BY_NAME[name]
+            arr = np.asarray(out[name], dtype=np.float64)
+            if arr.size == 0:
+                continue
+            m = var.era5_to_model(arr)
+            lo, hi = var.plausible
+            bad = (m < lo) | (m > hi)
+            if bad.any():
+                glo, ghi = var.model_to_era5(np.array([lo, hi]))
+                raise _err("out_of_physical_range",
+                           "{name}: {n} value(s) outside {glo:g}..{ghi:g} {units}{hint}", name=name,
+                           n=int(bad.sum()), glo=float(glo), ghi=float(ghi), units=var.era5_units,
+                           hint=_unit_hint(name, float(arr.min()), float(arr.max())))
+        return out
+
+    @model_validator(mode="after")
+    def _value_lengths(self) -> "Observations":
+        for name, col in self.values.items():
+            if len(col) != self.n:
+                raise _err("length_mismatch", "values.{name} has {a} values for {b} points", name=name,
+                           a=len(col), b=self.n)
+        return self
+
+    def array(self) -> np.ndarray:
+        """(n, 4) float64 in ERA5 units, model order (sp, t2m, u10, v10)."""
+        return np.stack([np.asarray(self.values[n], dtype=np.float64) for n in NAMES], axis=-1)
+
+
+class LikelihoodOptions(Strict):
+    """How a log-likelihood is integrated: reverse ODE from data (t=1) to noise (t=0)."""
+
+    solver: Solver = "midpoint"
+    steps: int = Field(8, ge=1)
+    estimator: Estimator = Field("auto", description="auto: exact trace where cheap (independent-target "
+                                 "models), else Hutchinson; exact: always exact (small target sets); "
+                                 "hutchinson: n_probes Rademacher probes.")
+    n_probes: int = Field(1, ge=1)
+
+
+def _check_common(settings: Settings, n_ctx: int, n_tgt: int | None, steps: list[tuple[str, int]],
+                  n_probes: int) -> None:
+    if n_ctx < settings.min_context:
+        raise _err("too_few", "context has {n} point(s); at least {m} needed", n=n_ctx, m=settings.min_context)
+    if n_ctx > settings.max_context:
+        raise _err("too_many", "context has {n} points; at most {m} allowed", n=n_ctx, m=settings.max_context)
+    if n_tgt is not None and n_tgt > settings.max_targets:
+        raise _err("too_many", "{n} target points; at most {m} allowed", n=n_tgt, m=settings.max_targets)
+    for what, s in steps:
+        if s > settings.max_steps:
+            raise _err("too_many", "{what} = {s}; at most {m} allowed", what=what, s=s, m=settings.max_steps)
+    if n_probes > settings.max_probes:
+        raise _err("too_many", "n_probes = {n}; at most {m} allowed", n=n_probes, m=settings.max_probes)
+
+
+class ExtrapolateRequest(Strict):
+    """Sample the four variables at target points given context observations."""
+
+    model: str | None = Field(None, description="Model version (GET /v1/models); default: the default one.")
+    context: Observations
+    targets: Literal["circle"] | Points = Field(
+        "circle", description="Points, or 'circle': every point of the region's circle not in the context.")
+    num_samples: int = Field(8, ge=1)
+    solver: Solver = "euler"
+    steps: int = Field(16, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Noise seed; none: drawn and echoed back.")
+    quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
+    include: list[Part] = Field(default_factory=lambda: ["samples", "mean", "std", "quantiles", "log_likelihood"])
+    log_likelihood: LikelihoodOptions = Field(default_factory=LikelihoodOptions)
+    format: Literal["json", "netcdf"] | None = Field(None, description="Else chosen by the Accept header.")
+    timeout_s: float | None = Field(None, gt=0, description="Deadline for this request (capped by the server).")
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, q: list[float], info: ValidationInfo) -> list[float]:
+        if any(not 0.0 < x < 1.0 for x in q):
+            raise _err("out_of_range", "quantiles must lie strictly between 0 and 1")
+        if len(q) > _settings(info).max_quantiles:
+            raise _err("too_many", "at most {m} quantiles", m=_settings(info).max_quantiles)
+        return q
+
+    @model_validator(mode="after")
+    def _limits(self, info: ValidationInfo) -> "ExtrapolateRequest":
+        s = _settings(info)
+        if self.num_samples > s.max_samples:
+            raise _err("too_many", "num_samples = {n}; at most {m} allowed", n=self.num_samples, m=s.max_samples)
+        n_tgt = None if isinstance(self.targets, str) else self.targets.n
+        _check_common(s, self.context.n, n_tgt, [("steps", self.steps),
+                                                 ("log_likelihood.steps", self.log_likelihood.steps)],
+                      self.log_likelihood.n_probes)
+        return self
+
+
+class LogLikelihoodRequest(Strict):
+    """log p(observed values at the target points | context), jointly over the targets."""
+
+    model: str | None = None
+    context: Observations
+    targets: Observations
+    solver: Solver = "midpoint"
+    steps: int = Field(32, ge=1)
+    estimator: Estimator = "auto"
+    n_probes: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the Hutchinson probes.")
+    timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _limits(self, info: ValidationInfo) -> "LogLikelihoodRequest":
+        _check_common(_settings(info), self.context.n, self.targets.n, [("steps", self.steps)], self.n_probes)
+        return self

@@ -1,0 +1,62 @@
+"""Service settings (pydantic-settings): environment variables with the prefix FLOWNP_, e.g.
+FLOWNP_CHECKPOINT=/models/best.pt FLOWNP_CHECKPOINT_SHA256=<hex> FLOWNP_API_KEYS_FILE=/run/secrets/keys.
+
+Models: a checkpoint (its sha256 given here or in a sidecar `<checkpoint>.sha256`), and/or a registry
+(flownp.registry: sha256 from each version's manifest). Neither: the embedded synthetic default model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment. Limits bound the work one request may ask for."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWNP_", extra="ignore")
+
+    # ---- models -------------------------------------------------------------------------------
+    checkpoint: Path | None = Field(None, description="A checkpoint to serve (flownp pretrain/finetune).")
+    checkpoint_sha256: str | None = Field(None, description="Its sha256 (else read from <checkpoint>.sha256).")
+    checkpoint_version: str | None = Field(None, description="Version name for it (default: file stem).")
+    registry: Path | None = Field(None, description="A model registry (flownp registry) to serve from.")
+    registry_all: bool = Field(False, description="Serve every registry version, not only the current one.")
+    default_version: str | None = Field(None, description="Version used when a request names none.")
+
+    # ---- security ------------------------------------------------------------------------------
+    api_keys: list[SecretStr] = Field(default_factory=list, description="API keys; empty with no file: auth off.")
+    api_keys_file: Path | None = Field(None, description="One key per line, or 'sha256:<hex>' of a key.")
+
+    # ---- limits --------------------------------------------------------------------------------
+    max_body_bytes: int = 4 * 1024 * 1024
+    min_context: int = 1
+    max_context: int = 2000
+    max_targets: int = 2000
+    max_samples: int = 64
+    max_steps: int = 64
+    max_probes: int = 16
+    max_exact_full_targets: int = 32  # exact trace of a joint model: one VJP per target value per step
+    max_quantiles: int = 9
+    request_timeout_s: float = 60.0  # deadline per request (queue + work), 504 past it
+    workers: int = 1                 # model threads (torch uses its own intra-op threads inside each)
+    max_queue: int = 8               # requests waiting for a worker; beyond: 503 with Retry-After
+    torch_threads: int | None = None
+    warmup: bool = True
+
+    def key_hashes(self) -> list[bytes]:
+        """sha256 digests of the configured keys (plain keys are hashed here, never kept or compared)."""
+        out = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if line.startswith("sha256:"):
+                    out.append(bytes.fromhex(line[7:].strip()))
+                else:
+                    out.append(hashlib.sha256(line.encode()).digest())
+        return out
