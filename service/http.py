@@ -78,15 +78,29 @@ def validate(model: type[M], data: dict[str, Any], settings: Settings) -> M:
 
 
 def choose_format(asked: str | None, accept: str) -> str:
-    """'json' or 'netcdf': the body's `format`, else the Accept header; 406 for anything else."""
+    """'json' or 'netcdf': the body's `format`, else the Accept header's preferred supported type (by q;
+    the first listed on ties); 406 when it names neither."""
     if asked:
         return asked
-    a = accept.lower()
-    if "netcdf" in a:
-        return "netcdf"
-    if not a.strip() or "json" in a or "*/*" in a or "application/*" in a:
+    if not accept.strip():
         return "json"
-    raise ApiError(406, "not_acceptable", f"this route answers application/json or {NETCDF}")
+    best: tuple[float, str | None] = (0.0, None)
+    for part in accept.lower().split(","):
+        media, *params = [x.strip() for x in part.split(";")]
+        q = 1.0
+        for prm in params:
+            if prm.startswith("q="):
+                try:
+                    q = float(prm[2:])
+                except ValueError:
+                    q = 0.0
+        fmt = ("netcdf" if "netcdf" in media else
+               "json" if media in ("application/json", "*/*", "application/*") or media.endswith("+json") else None)
+        if fmt and q > best[0]:
+            best = (q, fmt)
+    if best[1] is None:
+        raise ApiError(406, "not_acceptable", f"this route answers application/json or {NETCDF}")
+    return best[1]
 
 
 class ApiKeys:

@@ -191,3 +191,17 @@ def test_deadline_gives_504_and_overload_gives_503_with_retry_after(monkeypatch)
         time.sleep(0.05)
         assert c.post("/v1/extrapolate", json=small_request()).status_code == 200  # capacity is back
         assert 'flownp_rejected_total{reason="overloaded"} 1.0' in c.get("/metrics").text
+
+
+def test_accept_header_negotiation():
+    from service.errors import ApiError
+    from service.http import choose_format
+
+    assert choose_format(None, "") == "json" and choose_format(None, "*/*") == "json"
+    assert choose_format(None, "application/x-netcdf") == "netcdf"
+    assert choose_format(None, "application/json, application/x-netcdf;q=0.1") == "json"
+    assert choose_format(None, "application/x-netcdf, application/json;q=0.5") == "netcdf"
+    assert choose_format("json", "application/x-netcdf") == "json"  # the body's `format` wins
+    with pytest.raises(ApiError) as e:
+        choose_format(None, "text/html")
+    assert e.value.status == 406

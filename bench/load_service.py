@@ -1,0 +1,156 @@
+"""Load test of the service: a real uvicorn process on 127.0.0.1 (default model), extrapolation requests of
+1000 context / 245 target points, 8 samples, 16 Euler steps, at concurrency 1, 4 and 16.
+
+Prints per level: requests answered, throughput (successful requests/s), p50/p99 latency (from the first
+try), responses other than 200 by status (503 = deliberate overload refusals, retried after Retry-After); first served latency over the engine's own latency for one request
+(median of a few sequential ones; goal <= 1.1). Loopback only; bounded by --requests and --max-seconds.
+
+    python bench/load_service.py                         # 200 requests per level, sampling only
+    python bench/load_service.py --with-ll               # also each sample's log-likelihood (much slower)
+    python bench/load_service.py --requests 40 --max-seconds 120 --workers 1 --max-queue 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ingest.region import MEMPHIS as R  # noqa: E402
+
+
+def body(with_ll: bool, seed: int = 0) -> bytes:
+    """1000 context / 245 targets drawn (seeded) from the circle; smooth plausible values in ERA5 units."""
+    idx = np.random.default_rng(seed).permutation(R.n_points)
+    ci, ti = idx[:1000], idx[1000:]
+    lat, lon = R.circle_lat[ci], R.circle_lon[ci]
+    values = {"sp": (100500.0 - 120.0 * (lat - 35)).tolist(), "t2m": (276.0 - 0.9 * (lat - 35)).tolist(),
+              "u10": (3.0 + 0.1 * (lat - 35)).tolist(), "v10": (-1.0 + 0.1 * (lon + 91)).tolist()}
+    include = ["samples", "mean", "std", "quantiles"] + (["log_likelihood"] if with_ll else [])
+    return json.dumps({"context": {"latitude": lat.tolist(), "longitude": lon.tolist(), "values": values},
+                       "targets": {"latitude": R.circle_lat[ti].tolist(), "longitude": R.circle_lon[ti].tolist()},
+                       "num_samples": 8, "steps": 16, "seed": 0, "include": include}).encode()
+
+
+def start_server(port: int, workers: int, max_queue: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWNP_")}
+    env.update(FLOWNP_WORKERS=str(workers), FLOWNP_MAX_QUEUE=str(max_queue))
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "--port", str(port), "--log-level", "warning"],
+                            cwd=ROOT, env=env)
+
+
+async def level(url: str, payload: bytes, n: int, conc: int, max_s: float) -> dict:
+    lat: list[float] = []
+    status: dict[int, int] = {}
+    issued = 0
+    t_end = time.perf_counter() + max_s
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        """Sends requests until n have been issued; a 503 is counted, then the same request is retried
+        after Retry-After (its latency runs from the first try)."""
+        nonlocal issued
+        while issued < n and time.perf_counter() < t_end:
+            issued += 1
+            t0 = time.perf_counter()
+            while time.perf_counter() < t_end:
+                try:
+                    r = await client.post("/v1/extrapolate", content=payload,
+                                          headers={"content-type": "application/json"})
+                    code = r.status_code
+                except httpx.HTTPError:
+                    code = -1
+                status[code] = status.get(code, 0) + 1
+                if code != 503:
+                    break
+                await asyncio.sleep(float(r.headers.get("retry-after", 1)))
+            if code == 200:
+                lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(conc)))
+    wall = time.perf_counter() - t0
+    ok = status.get(200, 0)
+    q = np.percentile(lat, [50, 99]) if lat else [float("nan")] * 2
+    return {"concurrency": conc, "attempts": sum(status.values()), "ok": ok, "wall_s": round(wall, 1),
+            "throughput_rps": round(ok / wall, 3), "p50_s": round(float(q[0]), 3), "p99_s": round(float(q[1]), 3),
+            "errors": {str(k): v for k, v in sorted(status.items()) if k != 200},
+            "server_errors_5xx_other_than_503": sum(v for k, v in status.items() if k >= 500 and k != 503)}
+
+
+def served_over_engine(url: str, payload: bytes, repeats: int) -> dict:
+    """Client wall time of one request over the engine's own time (the server's `timing.engine_ms`)."""
+    rows = []
+    with httpx.Client(base_url=url, timeout=300) as c:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            r = c.post("/v1/extrapolate", content=payload, headers={"content-type": "application/json"})
+            wall = time.perf_counter() - t0
+            r.raise_for_status()
+            rows.append((wall, r.json()["timing"]["engine_ms"] / 1e3))
+    ratios = [w / e for w, e in rows]
+    i = int(np.argsort(ratios)[len(ratios) // 2])
+    return {"served_s": round(rows[i][0], 4), "engine_s": round(rows[i][1], 4), "ratio_median": round(ratios[i], 4),
+            "ratios": [round(x, 4) for x in ratios]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--requests", type=int, default=200, help="Requests per concurrency level.")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--max-seconds", type=float, default=600, help="Stop issuing requests in a level after this.")
+    p.add_argument("--workers", type=int, default=1, help="Server FLOWNP_WORKERS.")
+    p.add_argument("--max-queue", type=int, default=8, help="Server FLOWNP_MAX_QUEUE.")
+    p.add_argument("--with-ll", action="store_true", help="Include each sample's log-likelihood.")
+    p.add_argument("--ratio-repeats", type=int, default=5, help="Sequential requests for the ratio (0: skip).")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(port, args.workers, args.max_queue)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() - t0 > 120:
+                raise SystemExit("server did not become ready")
+            time.sleep(0.2)
+        payload = body(args.with_ll)
+        info = {"request": "1000 context / 245 targets, 8 samples, euler 16 steps"
+                + (", log-likelihood midpoint 8 steps" if args.with_ll else ", no log-likelihood"),
+                "body_bytes": len(payload), "workers": args.workers, "max_queue": args.max_queue,
+                "cpu_count": os.cpu_count(), "load_avg_before": os.getloadavg()}
+        print(json.dumps(info), flush=True)
+        if args.ratio_repeats > 0:
+            print(json.dumps({"served_over_engine": served_over_engine(url, payload, args.ratio_repeats)}), flush=True)
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            res = asyncio.run(level(url, payload, args.requests, conc, args.max_seconds))
+            print(json.dumps(res), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()
