@@ -148,3 +148,19 @@ def test_registry_versions_are_served_and_selectable(tmp_path):
         r = c.post("/v1/extrapolate", json=small_request(model="v0002"))
         assert r.status_code == 200 and r.json()["model"]["version"] == "v0002"
         assert c.post("/v1/extrapolate", json=small_request(model="v0003")).status_code == 404
+
+
+def test_readme_python_client_example_runs(server):
+    """The README's Python snippet, run as written against the real server."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == "from service.client import Client")
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("    "):
+            break
+        block.append(ln[4:])
+    code = "\n".join(block).replace('"http://127.0.0.1:8000"', repr(server))
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    out = ns["out"]
+    assert out["t2m"].dims == ("sample", "point") and out.sizes["sample"] == 8 and np.isfinite(out.log_likelihood).all()
