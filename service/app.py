@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flownp.solvers import SolverConfig
 from service import __version__, convert
-from service.engine import Engine, Task, resolve_estimator, run_extrapolate, run_log_likelihood
+from service.engine import Engine, LoadError, Task, resolve_estimator, run_extrapolate, run_log_likelihood
 from service.errors import ApiError
 from service.http import NETCDF, ApiKeys, Observe, choose_format, read_json, validate
 from service.metrics import Metrics
@@ -121,6 +121,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def models() -> Response:
         _ready()
         return _json({"default": engine.default, "models": [m.info for m in engine.models.values()]})
+
+    @app.post("/v1/admin/reload", tags=["admin"], dependencies=protected)
+    async def reload() -> Response:
+        """Re-read the configured checkpoint/registry (after a retraining job promoted a version)."""
+        try:
+            out = await asyncio.to_thread(engine.reload)
+        except LoadError as exc:
+            raise ApiError(409, "reload_failed", f"the new models could not be loaded; still serving "
+                           f"{engine.default}: {exc}") from None
+        return _json(out)
 
     @app.get("/v1/models/{version}", tags=["models"], dependencies=protected)
     async def model(version: str) -> Response:

@@ -250,26 +250,46 @@ class Engine:
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="flownp-engine")
 
     # loading
+    def _load_all(self) -> tuple[dict[str, LoadedModel], str]:
+        """Load (and warm up) the configured models without touching the ones being served."""
+        models = load_models(self.settings)
+        default = self.settings.default_version or next(
+            (v for v, m in models.items() if m.info.get("current")), next(iter(models)))
+        if default not in models:
+            raise LoadError(f"default version {default!r} is not among the loaded models {sorted(models)}")
+        for v, m in models.items():
+            m.info["default"] = v == default
+        if self.settings.warmup:
+            for lm in models.values():
+                self.warm_up(lm)
+        return models, default
+
     def load(self) -> None:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         try:
-            models = load_models(self.settings)
-            default = self.settings.default_version or next(
-                (v for v, m in models.items() if m.info.get("current")), next(iter(models)))
-            if default not in models:
-                raise LoadError(f"default version {default!r} is not among the loaded models {sorted(models)}")
-            for v, m in models.items():
-                m.info["default"] = v == default
-            self.models, self.default = models, default
-            if self.settings.warmup:
-                for lm in models.values():
-                    self.warm_up(lm)
+            self.models, self.default = self._load_all()
             self.ready = True
-            log.info("models ready: %s (default %s)", sorted(models), default)
+            log.info("models ready: %s (default %s)", sorted(self.models), self.default)
         except Exception as exc:
             self.load_error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.load_error)
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the configured sources (e.g. a registry after a promotion) and swap the served models in
+        one assignment; requests already running keep the models they started with. On any failure the
+        served models stay as they were and the error is raised (LoadError)."""
+        before = self.default
+        try:
+            models, default = self._load_all()
+        except Exception as exc:
+            if isinstance(exc, LoadError):
+                raise
+            raise LoadError(f"{type(exc).__name__}: {exc}") from None
+        self.models, self.default = models, default
+        self.ready, self.load_error = True, None
+        log.info("models reloaded: %s (default %s, was %s)", sorted(models), default, before)
+        return {"default": default, "previous_default": before, "models": sorted(models)}
 
     def warm_up(self, lm: LoadedModel) -> None:
         """One small job through the same code path (first calls allocate and pick kernels)."""

@@ -12,9 +12,14 @@ from typer.testing import CliRunner
 from flownp.cli import app
 from flownp.registry import Registry, RegistryError
 from flownp.retrain import RetrainJob, run_job
+from service.settings import Settings
+from tests.test_service_common import running, small_request
 
 TINY = {"d_model": 16, "n_layers": 1, "batch_size": 4, "n_ctx": "60-60", "n_tgt": 24, "warmup": 2, "lr": 2e-3}
 EVAL = {"n_tasks": 4, "n_ctx": "100-100", "n_tgt": 24, "ll_solver": "midpoint:8"}
+
+
+KEY = {"Authorization": "Bearer k"}
 
 
 def job_file(tmp_path, name, store, pretrain=None, finetune=None, raw=()):
@@ -37,24 +42,32 @@ def store(tiny_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_promotes_only_a_better_candidate(store, tmp_path):
+def test_promotes_only_a_better_candidate_and_the_service_then_serves_it(store, tmp_path):
     reg = Registry(tmp_path / "registry")
     good = run_job(RetrainJob.from_yaml(job_file(tmp_path, "good", store, {"steps": 120, "ckpt_every": 60})),
                    progress=False)
     assert good["promoted"] == "v0001" and reg.current() == "v0001"
     assert reg.manifest("v0001")["comparison"]["current"] is None  # first model: nothing to beat
-    bad = run_job(RetrainJob.from_yaml(job_file(tmp_path, "bad", store, {"steps": 2, "ckpt_every": 2})),
-                  progress=False)
-    assert bad["promoted"] is None and bad["comparison"]["candidate"] < bad["comparison"]["current"]
-    assert reg.versions() == ["v0001"] and reg.current() == "v0001"
-    better = run_job(RetrainJob.from_yaml(job_file(tmp_path, "better", store, {"steps": 60, "init": "current",
-                                                                                 "ckpt_every": 60})),
-                     progress=False)
-    m = reg.manifest("v0002")
-    assert better["promoted"] == "v0002" and reg.current() == "v0002"
-    assert better["pretrain_init"] == "v0001"
-    assert m["comparison"]["current_version"] == "v0001" and m["comparison"]["candidate"] > m["comparison"]["current"]
-    assert m["files"]["model.pt"] and m["data"]["years_per_split"]["test"] == [1989]
+    with running(Settings(registry=reg.root, api_keys=["k"])) as client:
+        assert client.get("/v1/models", headers=KEY).json()["default"] == "v0001"
+        bad = run_job(RetrainJob.from_yaml(job_file(tmp_path, "bad", store, {"steps": 2, "ckpt_every": 2})),
+                      progress=False)
+        assert bad["promoted"] is None and bad["comparison"]["candidate"] < bad["comparison"]["current"]
+        assert reg.versions() == ["v0001"] and reg.current() == "v0001"
+        better = run_job(RetrainJob.from_yaml(job_file(tmp_path, "better", store,
+                                                       {"steps": 60, "init": "current", "ckpt_every": 60})),
+                         progress=False)
+        m = reg.manifest("v0002")
+        assert better["promoted"] == "v0002" and reg.current() == "v0002"
+        assert better["pretrain_init"] == "v0001"
+        assert m["comparison"]["current_version"] == "v0001" and m["comparison"]["candidate"] > m["comparison"]["current"]
+        assert m["files"]["model.pt"] and m["data"]["years_per_split"]["test"] == [1989]
+        assert client.post("/v1/admin/reload").status_code == 401  # the admin route is behind the key
+        r = client.post("/v1/admin/reload", headers=KEY)
+        assert r.status_code == 200 and r.json()["default"] == "v0002" and r.json()["previous_default"] == "v0001"
+        assert client.get("/v1/models", headers=KEY).json()["default"] == "v0002"
+        ans = client.post("/v1/extrapolate", json=small_request(), headers=KEY)
+        assert ans.status_code == 200 and ans.json()["model"]["version"] == "v0002", ans.text[:300]
 
 
 @pytest.mark.slow
@@ -116,3 +129,20 @@ def test_bad_job_files_are_refused(tmp_path, text, match):
         RetrainJob.from_yaml(p)
     r = CliRunner().invoke(app, ["retrain", "--config", str(p)])
     assert r.exit_code == 2
+
+
+def test_failed_reload_keeps_serving_the_old_model(tmp_path):
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[1] / "service" / "models" / "default.pt"
+    reg = Registry(tmp_path / "registry")
+    reg.add(default, metrics={"tar_ll": 0.0}, promote=True)
+    reg.add(default, metrics={"tar_ll": 1.0}, promote=True)
+    with running(Settings(registry=reg.root)) as client:
+        assert client.get("/v1/models").json()["default"] == "v0002"
+        (reg.versions_dir / "v0002" / "model.pt").write_bytes(b"tampered")  # corrupt the served version on disk
+        r = client.post("/v1/admin/reload")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "reload_failed"
+        assert str(tmp_path) not in r.text  # no machine paths in errors
+        assert client.get("/v1/models").json()["default"] == "v0002"  # still the loaded, verified weights
+        assert client.post("/v1/extrapolate", json=small_request()).status_code == 200
