@@ -104,7 +104,10 @@ class Extrapolator:
             key = lambda lat, lon: set(zip(np.round(lat, 4).tolist(), np.round(lon, 4).tolist()))  # noqa: E731
             taken = key(np.asarray(context["latitude"], float), np.asarray(context["longitude"], float))
             circle = zip(np.round(self.region.circle_lat, 4).tolist(), np.round(self.region.circle_lon, 4).tolist())
-            return self.circle_dataset(index=np.array([i for i, p in enumerate(circle) if p not in taken]))
+            rest = np.array([i for i, p in enumerate(circle) if p not in taken], dtype=int)
+            if rest.size == 0:
+                raise ValueError("the context covers every circle point: no 'circle' targets are left")
+            return self.circle_dataset(index=rest)
         return targets
 
     # ---- inference --------------------------------------------------------------------------

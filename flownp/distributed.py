@@ -27,9 +27,15 @@ class Dist:
         """Mean of a scalar over ranks."""
         if not self.enabled:
             return x
-        t = torch.tensor([x], dtype=torch.float64)
+        dev = f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+        t = torch.tensor([x], dtype=torch.float64, device=dev)
         dist.all_reduce(t)
         return float(t.item()) / self.world
+
+
+def rank_device(device: str, dist_: Dist) -> str:
+    """Under torchrun each rank takes its own GPU: 'cuda' -> 'cuda:LOCAL_RANK' (CPU unchanged)."""
+    return f"cuda:{dist_.local_rank}" if dist_.enabled and device.startswith("cuda") else device
 
 
 def init_from_env(device: str) -> Dist:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-from flownp.distributed import init_from_env
+from flownp.distributed import init_from_env, rank_device
 from flownp.paths import flow_matching_loss, sample_path
 from flownp.solvers import SolverConfig, solve
 from flownp.train import TrainConfig, Trainer, validation_loss
@@ -140,6 +140,7 @@ class FineTuner(Trainer):
     def __init__(self, store: Store, out: str | Path, base_path: str | Path, ft: FinetuneConfig,
                  cfg: TrainConfig, dist: Any = None) -> None:
         self.ft, self.base_path = ft, Path(base_path)
+        self.base_sha256 = sha256_file(base_path)  # what this run starts from (resume checks it)
         self.base_ckpt = load_checkpoint(base_path)
         if self.base_ckpt.get("kind") not in ("pretrain", "finetune"):
             raise ValueError(f"{base_path}: a FlowNP checkpoint is needed, not a {self.base_ckpt.get('kind')!r}")
@@ -150,7 +151,14 @@ class FineTuner(Trainer):
         self.normalizer = type(store.normalizer).from_dict(self.base_ckpt["normalizer"])
 
     def build(self, _: Any) -> tuple[nn.Module, Any, str]:
+        from flownp.gav import GAVFlowNP
+
         base = model_from_checkpoint(self.base_ckpt).to(self.cfg.device)
+        if isinstance(base, GAVFlowNP):
+            if self.ft.mode == "gav":
+                raise ValueError(f"{self.base_path} already has a GAV residual; fine-tune it with --mode mle "
+                                 "or start the GAV from its pretrained base")
+            base.requires_grad_(True)  # MLE fine-tuning of a GAV model tunes all of it
         # the coupling's frozen copy of the pretrained field
         self.frozen = model_from_checkpoint(self.base_ckpt).to(self.cfg.device).requires_grad_(False)
         model = build_finetune_model(base, self.ft)
@@ -158,6 +166,15 @@ class FineTuner(Trainer):
 
     def training_module(self) -> nn.Module:
         return Reconstruction(self.model, self.ft, self.model.config.y_dim)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The model's parameters, and log sigma apart: no weight decay (it would pull sigma towards 1) and
+        100x the model's learning rate (at fine-tuning rates sigma would otherwise barely move)."""
+        model = [p for p in self.model.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": model}]
+        if self.module.log_sigma.requires_grad:
+            groups.append({"params": [self.module.log_sigma], "weight_decay": 0.0, "lr_scale": 100.0})
+        return groups
 
     def coupling(self, batch: TaskBatch, gen: torch.Generator) -> torch.Tensor:
         if self.ft.coupling == "inversion":
@@ -183,11 +200,12 @@ class FineTuner(Trainer):
     def payload(self) -> dict[str, Any]:
         p = super().payload()
         p["model_config"] = self.model.config.to_dict()
-        if self.ft.mode == "gav":
-            p["gav_config"] = self.model.gav_config.to_dict()
+        gav = getattr(self.model, "gav_config", None)
+        if gav is not None:  # a GAV model (new, or an MLE fine-tune of one) rebuilds with its residual
+            p["gav_config"] = gav.to_dict()
         p.update({
             "finetune_config": self.ft.to_dict(), "log_sigma": self.module.log_sigma.detach().cpu(),
-            "base_checkpoint": {"path": str(self.base_path), "sha256": sha256_file(self.base_path),
+            "base_checkpoint": {"path": str(self.base_path), "sha256": self.base_sha256,
                                 "kind": self.base_ckpt.get("kind"), "step": self.base_ckpt.get("step")},
         })
         return p
@@ -196,6 +214,9 @@ class FineTuner(Trainer):
         ck = load_checkpoint(path, map_location=self.device)
         if ck.get("finetune_config") != self.ft.to_dict():
             raise ValueError(f"{path}: fine-tuning settings differ from this run's")
+        if ck.get("base_checkpoint", {}).get("sha256") != self.base_sha256:
+            raise ValueError(f"{path} was fine-tuned from another base than {self.base_path} (its sha256 "
+                             "changed); start a new run directory")
         super().resume(path)
         with torch.no_grad():
             self.module.log_sigma.copy_(ck["log_sigma"])
@@ -208,6 +229,7 @@ def finetune(base: str | Path, data: str | Path, out: str | Path, ft: FinetuneCo
     ft = ft or FinetuneConfig()
     cfg = cfg or TrainConfig(lr=1e-5, warmup=50, schedule="constant", ema_decay=0.99, batch_size=8)
     dist = init_from_env(cfg.device)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": rank_device(cfg.device, dist)})
     tuner = FineTuner(Store.open(data), out, base, ft, cfg, dist)
     if resume and (Path(out) / "last.pt").exists():
         tuner.resume(Path(out) / "last.pt")

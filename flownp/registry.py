@@ -14,12 +14,14 @@ kept until deleted on purpose; the current one cannot be deleted.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flownp import __version__
 from ingest.io import atomic_path, sha256_file
@@ -43,11 +45,15 @@ class Registry:
         return sorted(p.name for p in self.versions_dir.iterdir() if VERSION_RE.match(p.name) and p.is_dir())
 
     def current(self) -> str | None:
+        """The promoted version (None before the first promotion). A CURRENT naming a missing version is an
+        error, never taken for an empty registry."""
         f = self.root / "CURRENT"
         if not f.exists():
             return None
         name = f.read_text().strip()
-        return name if name in self.versions() else None
+        if name not in self.versions():
+            raise RegistryError(f"{self.root}: CURRENT names {name!r}, which is not a version here")
+        return name
 
     def manifest(self, version: str) -> dict[str, Any]:
         path = self._dir(version) / "manifest.json"
@@ -75,10 +81,30 @@ class Registry:
         return self.versions_dir / version
 
     # ---- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the registry (concurrent jobs queue here, never interleave)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def add(self, checkpoint: str | Path, *, metrics: dict[str, Any], data: dict[str, Any] | None = None,
             base: dict[str, Any] | None = None, comparison: dict[str, Any] | None = None,
-            promote: bool = False) -> str:
-        """Copy `checkpoint` in as the next version with its manifest; optionally make it current."""
+            promote: bool = False, expect_current: str | None | object = ...) -> str:
+        """Copy `checkpoint` in as the next version with its manifest; optionally make it current
+        (`expect_current`: only if the current version is still this one, see `promote`)."""
+        with self._locked():
+            version = self._add(checkpoint, metrics, data, base, comparison)
+            if promote:
+                self._promote(version, expect_current)
+        return version
+
+    def _add(self, checkpoint: str | Path, metrics: dict[str, Any], data: dict[str, Any] | None,
+             base: dict[str, Any] | None, comparison: dict[str, Any] | None) -> str:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         existing = self.versions()
         version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
@@ -94,20 +120,31 @@ class Registry:
                 "source_checkpoint": str(checkpoint),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            for name in ("model.pt", "manifest.json"):  # on disk before the rename makes them visible
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
             os.replace(tmp, self.versions_dir / version)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if promote:
-            self.promote(version)
         return version
 
-    def promote(self, version: str) -> None:
+    def promote(self, version: str, expect_current: str | None | object = ...) -> None:
+        """Make `version` current. With `expect_current`, only if the current version is still that one
+        (a job compared its candidate against it; if another job promoted meanwhile, refuse)."""
+        with self._locked():
+            self._promote(version, expect_current)
+
+    def _promote(self, version: str, expect_current: str | None | object) -> None:
         self.model_path(version)  # exists and verifies
+        if expect_current is not ... and self.current() != expect_current:
+            raise RegistryError(f"the current version changed to {self.current()!r} since {expect_current!r} was "
+                                f"compared against; rerun the job to compare with it")
         with atomic_path(self.root / "CURRENT") as tmp:
             tmp.write_text(version + "\n")
 
     def delete(self, version: str) -> None:
-        if version == self.current():
-            raise RegistryError(f"version {version} is current; promote another before deleting it")
-        shutil.rmtree(self._dir(version))
+        with self._locked():
+            if version == self.current():
+                raise RegistryError(f"version {version} is current; promote another before deleting it")
+            shutil.rmtree(self._dir(version))

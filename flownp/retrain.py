@@ -106,6 +106,14 @@ def _range(spec: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
+def _flownp_weights(ck: dict[str, Any], key: str) -> dict[str, Any]:
+    """The FlowNP weights of a checkpoint: all of them, or a GAV model's base."""
+    sd = ck[key] if ck.get(key) is not None else ck["model"]
+    if ck.get("gav_config") is not None:
+        sd = {k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")}
+    return sd
+
+
 def _done(run: Path, steps: int) -> bool:
     from flownp.checkpoint import load_checkpoint
 
@@ -179,8 +187,8 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
                 from flownp.checkpoint import load_checkpoint
 
                 ck = load_checkpoint(reg.model_path(current))
-                t.model.load_state_dict(ck["model"])
-                t.ema.load_state_dict(ck["ema"])
+                t.model.load_state_dict(_flownp_weights(ck, "model"))  # a GAV model continues from its base
+                t.ema.load_state_dict(_flownp_weights(ck, "ema"))
                 state["pretrain_init"] = current
             t.run(progress=progress)
         candidate = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
@@ -235,15 +243,18 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
                   "min_gain": e.min_gain, "eval_set": cand["eval_set"], "promoted": wins}
     state["comparison"] = comparison
     already = [m["version"] for m in reg.list() if m.get("files", {}).get("model.pt") == cand["checkpoint_sha256"]]
-    if wins and not already:
+    if already and reg.current() == already[0]:  # promoted by an earlier run of this job
+        state["promoted"] = already[0]
+    elif wins and already:  # added by a run that stopped before promoting it: finish the promotion
+        reg.promote(already[0], expect_current=current)
+        state["promoted"] = already[0]
+    elif wins:
         data = {"store": job.store, "store_manifest_sha256": store.manifest_sha256,
                 "years_per_split": store.manifest.get("years_per_split"),
                 "maps_per_split": store.manifest.get("maps_per_split")}
         state["promoted"] = reg.add(candidate, metrics={e.metric: cand_metric, "eval": cand["flownp"]}, data=data,
-                                    base={"previous_current": current, "model": cand["flownp"]["predictor"]["model"]}, comparison=comparison,
-                                    promote=True)
-    elif already:
-        state["promoted"] = already[0]
+                                    base={"previous_current": current, "model": cand["flownp"]["predictor"]["model"]},
+                                    comparison=comparison, promote=True, expect_current=current)
     else:
         state["promoted"] = None
     stage("promote")

@@ -47,10 +47,10 @@ def corrupt_context(batch: TaskBatch, spec: str, generator: torch.Generator) -> 
     kind, level = parse_noise(spec)
     yc = batch.yc
     if kind == "gaussian":
-        noisy = yc + level * torch.randn(yc.shape, generator=generator, dtype=yc.dtype)
-    else:
-        hit = torch.rand(yc.shape, generator=generator) < level
-        sign = torch.where(torch.rand(yc.shape, generator=generator) < 0.5, -1.0, 1.0).to(yc.dtype)
+        noisy = yc + level * torch.randn(yc.shape, generator=generator, dtype=yc.dtype).to(yc.device)
+    else:  # drawn on the generator's device (CPU), then moved: the same corruption on every device
+        hit = (torch.rand(yc.shape, generator=generator) < level).to(yc.device)
+        sign = torch.where(torch.rand(yc.shape, generator=generator) < 0.5, -1.0, 1.0).to(yc.dtype).to(yc.device)
         noisy = torch.where(hit, SALT * sign, yc)
     return replace(batch, yc=noisy)
 
@@ -64,7 +64,8 @@ def robustness_summary(clean: dict[str, Any], noisy: dict[str, Any]) -> dict[str
     out = {"tar_ll": noisy["tar_ll"], "tar_ll_drop": clean["tar_ll"] - noisy["tar_ll"]}
     if "rmse" in noisy and "rmse" in clean:
         out["rmse"] = noisy["rmse"]
-        out["rmse_ratio"] = {k: noisy["rmse"][k] / clean["rmse"][k] for k in noisy["rmse"]}
+        out["rmse_ratio"] = {k: noisy["rmse"][k] / clean["rmse"][k] if clean["rmse"][k] > 0 else None
+                             for k in noisy["rmse"]}
     return out
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from flownp.checkpoint import load_checkpoint, save_checkpoint
 from flownp.config import ModelConfig
-from flownp.distributed import Dist, init_from_env
+from flownp.distributed import Dist, init_from_env, rank_device
 from flownp.model import FlowNP
 from flownp.paths import flow_matching_loss, sample_path
 from ingest.store import Store
@@ -133,8 +133,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.net = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups = self.param_groups()
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.normalizer = store.normalizer
         _, train = store.load("train", float16_parity=cfg.float16_parity)
         xy = store.region.circle_xy
@@ -150,6 +151,10 @@ class Trainer:
 
     def training_module(self) -> torch.nn.Module:
         return self.model
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups; a group's `lr_scale` multiplies the scheduled learning rate."""
+        return [{"params": [p for p in self.module.parameters() if p.requires_grad]}]
 
     def validate(self) -> float:
         return validation_loss(self.ema, self.val_sampler, self.cfg.val_batches, str(self.device), self.cfg.seed,
@@ -187,7 +192,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         batch = self.sampler[i].to(self.device)
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, cfg)
+            g["lr"] = lr_at(self.step, cfg) * g.get("lr_scale", 1.0)
         self.net.train()
         loss = self.objective(self.net, batch, _gen(cfg.seed, self.dist.rank, self.step), cfg.bf16)
         self.opt.zero_grad(set_to_none=True)
@@ -253,8 +258,7 @@ def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | Any = N
     matching (default) or, given a NeuralBaselineConfig, a CNP / TNP-A by maximum likelihood."""
     cfg = cfg or TrainConfig()
     dist = init_from_env(cfg.device)
-    if dist.enabled and cfg.device.startswith("cuda"):
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": f"cuda:{dist.local_rank}"})
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": rank_device(cfg.device, dist)})
     trainer = Trainer(Store.open(data), out, model_cfg or ModelConfig(), cfg, dist)
     if resume and (Path(out) / "last.pt").exists():
         trainer.resume(Path(out) / "last.pt")

@@ -133,6 +133,34 @@ def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt
         assert torch.equal(a, b)
 
 
+def test_gav_checkpoints_as_bases_and_a_changed_base(tiny_store, base_ckpt, tmp_path):
+    from flownp.gav import GAVFlowNP
+
+    store = Store.open(tiny_store)
+    gav = FineTuner(store, tmp_path / "gav", base_ckpt, FinetuneConfig(mode="gav", k_steps=2, inversion_steps=2),
+                    tcfg(steps=2, ckpt_every=2))
+    gav.run(progress=False)
+    with pytest.raises(ValueError, match="already has a GAV residual"):
+        FineTuner(store, tmp_path / "gav2", tmp_path / "gav" / "last.pt", FinetuneConfig(mode="gav"), tcfg())
+    # MLE fine-tuning of a GAV model tunes all of it and reloads as a GAV model
+    mle = FineTuner(store, tmp_path / "mle", tmp_path / "gav" / "last.pt", FinetuneConfig(k_steps=2, inversion_steps=2),
+                    tcfg(steps=2, ckpt_every=2))
+    assert all(p.requires_grad for p in mle.model.parameters())
+    mle.run(progress=False)
+    assert isinstance(model_from_checkpoint(load_checkpoint(tmp_path / "mle" / "last.pt")), GAVFlowNP)
+    # a run resumed against a base whose file changed is refused
+    changed = tmp_path / "base-copy.pt"
+    changed.write_bytes(base_ckpt.read_bytes())
+    FineTuner(store, tmp_path / "r", changed, FinetuneConfig(k_steps=2, inversion_steps=2),
+              tcfg(steps=2, ckpt_every=2)).run(progress=False)
+    ck = torch.load(base_ckpt, weights_only=True)
+    ck["step"] = 999
+    torch.save(ck, changed)
+    t = FineTuner(store, tmp_path / "r", changed, FinetuneConfig(k_steps=2, inversion_steps=2), tcfg())
+    with pytest.raises(ValueError, match="another base"):
+        t.resume(tmp_path / "r" / "last.pt")
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"mode": "lora"}, "mode"), ({"coupling": "ot"}, "coupling"), ({"grad": "magic"}, "grad"),
     ({"k_steps": 0}, "k_steps"), ({"sigma": 0.0}, "sigma"), ({"cfm_weight": -1.0}, "cfm_weight"),

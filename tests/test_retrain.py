@@ -146,3 +146,37 @@ def test_failed_reload_keeps_serving_the_old_model(tmp_path):
         assert str(tmp_path) not in r.text  # no machine paths in errors
         assert client.get("/v1/models").json()["default"] == "v0002"  # still the loaded, verified weights
         assert client.post("/v1/extrapolate", json=small_request()).status_code == 200
+
+
+def test_a_stop_between_add_and_promote_is_finished_by_the_rerun(store, tmp_path, monkeypatch):
+    path = job_file(tmp_path, "crash", store, {"steps": 4, "ckpt_every": 4})
+    job = RetrainJob.from_yaml(path)
+    real = Registry._promote
+
+    def crash(self, version, expect):  # the process dies after the version is in, before CURRENT moves
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Registry, "_promote", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job, progress=False)
+    reg = Registry(tmp_path / "registry")
+    assert reg.versions() == ["v0001"] and reg.current() is None
+    monkeypatch.setattr(Registry, "_promote", real)
+    state = run_job(job, progress=False)
+    assert state["promoted"] == "v0001" and reg.current() == "v0001" and reg.versions() == ["v0001"]
+
+
+def test_registry_refuses_a_stale_comparison_and_a_dangling_current(tmp_path):
+    reg = Registry(tmp_path / "r")
+    src = tmp_path / "m.pt"
+    src.write_bytes(b"1")
+    reg.add(src, metrics={}, promote=True)                       # v0001 current
+    src.write_bytes(b"2")
+    v2 = reg.add(src, metrics={})
+    with pytest.raises(RegistryError, match="changed"):          # a job compared against "no model"
+        reg.promote(v2, expect_current=None)
+    reg.promote(v2, expect_current="v0001")
+    assert reg.current() == "v0002"
+    (reg.root / "CURRENT").write_text("v0009\n")
+    with pytest.raises(RegistryError, match="not a version"):
+        reg.current()
