@@ -3,7 +3,10 @@
 # FlowNP (bench/cpu_study.sh must have run in WORK_DIR): from a well-trained base (run-joint, 2000 steps)
 # and an early-stopped one (500 steps), at equal extra compute (same steps, K, batch, targets):
 #   mle-inv (FT-FlowNP, inversion coupling), mle-rand (random coupling), gav (Hurwitz/Schur residual,
-#   base frozen), gav-contr (contracting residual), gav-mlp (the paper's MLP-residual ablation),
+#   base frozen), gav-contr (contracting residual), gav-mlp (the paper's MLP-residual ablation).
+#   MLE variants tune the whole pretrained network at lr 5e-5 (10x below pretraining); the GAV family
+#   trains only a fresh residual (zero at initialisation) at lr 1e-3: Adam moves a parameter by about lr
+#   per step, so at 5e-5 a fresh module could move by ~0.01 in 200 steps (variant gav-lowlr, by hand),
 # each evaluated with the un-tuned base on one frozen set (16 test tasks, n_ctx 50..1000, 245 targets):
 # tar_ll with the oracle's, RMSE, CRPS, calibration, context noise, and the Euler steps sweep.
 # Two queues of one thread each; every step is skipped when its output exists (resumable).
@@ -12,7 +15,8 @@
 #
 # Results: WORK_DIR/ft-results/*.json; summary: python bench/finetune_table.py WORK_DIR/ft-results
 set -euo pipefail
-W=${1:-/tmp/study}; SEEDS=${2:-"0 1"}; cd "$W"; mkdir -p ft-results
+W=${1:-/tmp/study}; SEEDS=${2:-"0 1"}; VARIANTS=${VARIANTS:-"mle-inv gav mle-rand gav-mlp gav-contr"}
+cd "$W"; mkdir -p ft-results
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 STEPS=${FT_STEPS:-200}
 FT="--data store --steps $STEPS --batch-size 4 --n-ctx 50-1000 --n-tgt 128 --k-steps 16 --inversion-steps 16
@@ -36,9 +40,10 @@ variant() {  # variant BASE_NAME VARIANT SEED
   case $v in
     mle-inv) flags="--mode mle --coupling inversion" ;;
     mle-rand) flags="--mode mle --coupling random" ;;
-    gav) flags="--mode gav --gav-kind schur" ;;
-    gav-contr) flags="--mode gav --gav-kind contracting" ;;
-    gav-mlp) flags="--mode gav --gav-kind mlp" ;;
+    gav) flags="--mode gav --gav-kind schur --lr 1e-3" ;;
+    gav-contr) flags="--mode gav --gav-kind contracting --lr 1e-3" ;;
+    gav-mlp) flags="--mode gav --gav-kind mlp --lr 1e-3" ;;
+    gav-lowlr) flags="--mode gav --gav-kind schur" ;;  # at the MLE lr, 5e-5
   esac
   local out="ft-$base-$v-s$s"
   flownp finetune --from "run-$base/best.pt" --out "$out" $FT $flags --seed "$s" > "$out.out" 2>&1
@@ -49,7 +54,7 @@ queue() {  # queue BASE SEED...
   local base=$1; shift
   evaluate "$base-base" "run-$base/best.pt"
   for s in "$@"; do
-    for v in mle-inv mle-rand gav gav-mlp gav-contr; do variant "$base" "$v" "$s"; done
+    for v in $VARIANTS; do variant "$base" "$v" "$s"; done
   done
 }
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-ORDER = ["base", "mle-inv", "mle-rand", "gav", "gav-contr", "gav-mlp"]
+ORDER = ["base", "mle-inv", "mle-rand", "gav", "gav-contr", "gav-mlp", "gav-lowlr"]
 LABEL = {"base": "FlowNP (pretrained)", "mle-inv": "FT-FlowNP (MLE, inversion)", "mle-rand": "FT (MLE, random pairs)",
-         "gav": "FT-FlowNP (GAV, Schur)", "gav-contr": "FT (GAV, contracting)", "gav-mlp": "FT (MLP residual)"}
+         "gav": "FT-FlowNP (GAV, Schur)", "gav-contr": "FT (GAV, contracting)", "gav-mlp": "FT (MLP residual)",
+         "gav-lowlr": "FT (GAV, Schur, lr 5e-5)"}
 
 
 def metrics(r: dict) -> dict[str, float]:
@@ -41,7 +42,7 @@ def main(folder: str) -> None:
     rows: dict[tuple[str, str], list[dict]] = defaultdict(list)
     oracle = {}
     for p in sorted(Path(folder).glob("*.json")):
-        m = re.match(r"(\w+?)-(base|mle-inv|mle-rand|gav-contr|gav-mlp|gav)(?:-s(\d+))?$", p.stem)
+        m = re.match(r"(\w+?)-(base|mle-inv|mle-rand|gav-contr|gav-mlp|gav-lowlr|gav)(?:-s(\d+))?$", p.stem)
         if not m:
             continue
         r = json.loads(p.read_text())

@@ -1,15 +1,17 @@
 """Python API for analysis (Jupyter): extrapolate xarray observations in ERA5 units with a FlowNP model.
 
     from flownp.api import Extrapolator
-    ex = Extrapolator.from_registry("registry")            # or .from_checkpoint("run/best.pt")
+    ex = Extrapolator.from_registry("registry")            # or .from_checkpoint("run/best.pt"), .from_default()
     ctx = ex.circle_dataset(values, index)                  # or any Dataset with latitude/longitude
     out = ex.extrapolate(ctx, targets="circle", num_samples=16)
     out.t2m.mean("sample"); out.log_likelihood
 
 Datasets have one dimension `point` with coordinates `latitude`, `longitude` (degrees north / east,
--180..180) and data variables `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1] (ERA5 units). Conversion to the
-model's space goes through ingest.variables (units) and the checkpoint's normaliser, nowhere else.
-Log-likelihoods are in nats for the values in ERA5 units (a density over Pa, K, m s-1).
+-180..180) and data variables `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1] (ERA5 units). Points must lie in
+the disc the model was trained on (`Region.in_circle`, the service's rule too). Conversion to the model's
+space and the log-Jacobian to ERA5 units are the service's (service.convert, through ingest.variables and the
+checkpoint's normaliser), so both answer the same. Log-likelihoods are in nats for the values in ERA5 units
+(a density over Pa, K, m s-1).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from flownp.likelihood import log_likelihood
 from flownp.sampling import sample
 from ingest.normalize import Normalizer
 from ingest.region import Region
-from ingest.variables import BY_NAME, NAMES
+from ingest.variables import BY_NAME, NAMES, era5_to_model
+from service import convert
 
 
 class Extrapolator:
@@ -34,9 +37,7 @@ class Extrapolator:
 
     def __init__(self, model: Any, normalizer: Normalizer, region: Region, meta: dict[str, Any] | None = None):
         self.model, self.normalizer, self.region, self.meta = model.eval(), normalizer, region, meta or {}
-        # log |d model-space / d ERA5 units| per point: unit scale (Pa -> kPa) over the normaliser's std
-        scale = np.array([BY_NAME[n].scale for n in NAMES]) / np.asarray(normalizer.std)
-        self._log_jac = float(np.log(np.abs(scale)).sum())
+        self._log_jac = convert.log_jacobian(normalizer)  # log |d normalised / d ERA5 units| per point
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "Extrapolator":
@@ -45,6 +46,18 @@ class Extrapolator:
         ck = load_checkpoint(path)
         return cls(model_from_checkpoint(ck), Normalizer.from_dict(ck["normalizer"]), Region.from_dict(ck["region"]),
                    {"checkpoint": str(path), "kind": ck.get("kind"), "step": ck.get("step")})
+
+    @classmethod
+    def from_default(cls) -> "Extrapolator":
+        """The service's embedded default model (SYNTHETIC: trained on generated GP weather, not ERA5),
+        its sha256 checked against its manifest before loading, as the service does."""
+        from flownp.checkpoint import model_from_checkpoint
+        from service.engine import default_checkpoint  # lazy: the engine pulls in the web stack
+
+        ck, digest, man = default_checkpoint()
+        return cls(model_from_checkpoint(ck), Normalizer.from_dict(ck["normalizer"]), Region.from_dict(ck["region"]),
+                   {"version": man["version"], "synthetic": True, "sha256": digest, "kind": ck.get("kind"),
+                    "step": ck.get("step"), "description": man.get("description")})
 
     @classmethod
     def from_registry(cls, root: str | Path, version: str | None = None) -> "Extrapolator":
@@ -63,28 +76,28 @@ class Extrapolator:
         lat, lon = np.asarray(ds["latitude"], float), np.asarray(ds["longitude"], float)
         if np.any(lon > 180):
             raise ValueError("longitudes must be in -180..180 degrees east (got 0..360 values)")
-        b = self.region.bounds
-        inside = (lat >= b["south"]) & (lat <= b["north"]) & (lon >= b["west"]) & (lon <= b["east"])
+        r = self.region
+        inside = r.in_circle(lat, lon)
         if not inside.all():
-            raise ValueError(f"{int((~inside).sum())} points lie outside the model's region "
-                             f"({b['south']}..{b['north']} N, {b['west']}..{b['east']} E)")
+            raise ValueError(f"{int((~inside).sum())} points lie outside the model's region (the disc within "
+                             f"{r.radius_degrees:g} degrees of {r.centre_lat:g} N, {r.centre_lon:g} E)")
         return torch.from_numpy(self.region.to_model(lon, lat).astype(np.float32))
 
     def _values(self, ds: xr.Dataset) -> torch.Tensor:
         missing = [n for n in NAMES if n not in ds]
         if missing:
             raise ValueError(f"dataset lacks variables {missing} (ERA5 short names, ERA5 units)")
-        model_units = np.stack([BY_NAME[n].era5_to_model(np.asarray(ds[n], float)) for n in NAMES], -1)
+        era5 = np.stack([np.asarray(ds[n], float) for n in NAMES], -1)
+        model_units = era5_to_model(era5)  # for the range check only
         for j, n in enumerate(NAMES):
             lo, hi = BY_NAME[n].plausible
             if not np.all(np.isfinite(model_units[:, j])) or np.any((model_units[:, j] < lo) | (model_units[:, j] > hi)):
                 raise ValueError(f"{n}: values must be finite and physical in {BY_NAME[n].era5_units}")
-        return torch.from_numpy(self.normalizer.normalize(model_units).astype(np.float32))
+        return torch.from_numpy(convert.era5_to_normalised(era5, self.normalizer))
 
     def _to_era5(self, y: np.ndarray) -> np.ndarray:
         """Normalised (..., 4) -> ERA5 units (..., 4)."""
-        m = self.normalizer.denormalize(y)
-        return np.stack([BY_NAME[n].model_to_era5(m[..., j]) for j, n in enumerate(NAMES)], -1)
+        return convert.normalised_to_era5(y, self.normalizer)
 
     # ---- datasets ---------------------------------------------------------------------------
     def circle_dataset(self, values_era5: np.ndarray | None = None, index: np.ndarray | None = None) -> xr.Dataset:

@@ -23,14 +23,27 @@ class Dist:
     def enabled(self) -> bool:
         return self.world > 1
 
+    def _scalar(self, x: float) -> torch.Tensor:
+        dev = f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+        return torch.tensor([x], dtype=torch.float64, device=dev)
+
     def all_mean(self, x: float) -> float:
         """Mean of a scalar over ranks."""
         if not self.enabled:
             return x
-        dev = f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
-        t = torch.tensor([x], dtype=torch.float64, device=dev)
+        t = self._scalar(x)
         dist.all_reduce(t)
         return float(t.item()) / self.world
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank: a decision all ranks take together (e.g. to stop
+        at the same step, so no rank is left waiting in a collective). Every rank must call it at the same
+        point; without torchrun it is the flag itself and costs nothing."""
+        if not self.enabled:
+            return bool(flag)
+        t = self._scalar(1.0 if flag else 0.0)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
 
 def rank_device(device: str, dist_: Dist) -> str:

@@ -29,6 +29,11 @@ from ingest.io import atomic_path, sha256_file
 VERSION_RE = re.compile(r"^v\d{4,}$")
 
 
+def version_number(name: str) -> int:
+    """'v0042' -> 42."""
+    return int(name[1:])
+
+
 class RegistryError(ValueError):
     """A registry operation that cannot be done (unknown version, corrupt file, deleting the current)."""
 
@@ -40,9 +45,11 @@ class Registry:
 
     # ---- reading ---------------------------------------------------------------------------
     def versions(self) -> list[str]:
+        """Version names in numeric order (v9999 before v10000; names are zero-padded to 4 digits only)."""
         if not self.versions_dir.is_dir():
             return []
-        return sorted(p.name for p in self.versions_dir.iterdir() if VERSION_RE.match(p.name) and p.is_dir())
+        return sorted((p.name for p in self.versions_dir.iterdir() if VERSION_RE.match(p.name) and p.is_dir()),
+                      key=version_number)
 
     def current(self) -> str | None:
         """The promoted version (None before the first promotion). A CURRENT naming a missing version is an
@@ -107,7 +114,7 @@ class Registry:
              base: dict[str, Any] | None, comparison: dict[str, Any] | None) -> str:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         existing = self.versions()
-        version = f"v{(int(existing[-1][1:]) + 1) if existing else 1:04d}"
+        version = f"v{max(map(version_number, existing), default=0) + 1:04d}"
         tmp = self.versions_dir / f".{version}.{os.getpid()}.part"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

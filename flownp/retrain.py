@@ -1,5 +1,6 @@
 """The offline retraining job: ingest new files -> pretrain (or continue) -> fine-tune -> evaluate on a
-frozen test set -> promote to the registry only if the candidate beats the current model.
+frozen test set -> promote to the registry only if the candidate beats the current model (target
+log-likelihood in physical units, both scored on the same tasks with the same probes: `compare`).
 
 `flownp retrain --config JOB.yaml` (a plain YAML file validated by `RetrainJob`). Every stage leaves its
 output in the job's work directory and is skipped when done, training stages resume from their last
@@ -16,10 +17,15 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flownp.registry import Registry
 from ingest.io import sha256_file, write_json_atomic
+
+
+GATE_METRIC = "tar_ll_physical"
+# what makes two scores paired: the same frozen tasks, and the same estimator, probes and solver on them
+PAIRED_KEYS = ("estimator", "n_probes", "probe_seed", "ll_solver")
 
 
 class _Strict(BaseModel):
@@ -33,8 +39,15 @@ class EvalSpec(_Strict):
     n_tgt: Optional[int] = Field(245, ge=1)
     seed: int = 0
     ll_solver: str = "midpoint:25"
-    metric: Literal["tar_ll"] = "tar_ll"
+    metric: Literal["tar_ll_physical"] = Field(
+        "tar_ll_physical", description="the gate compares tar_ll in physical units: each checkpoint's own "
+        "normalised units differ once new files change the normaliser. 'tar_ll' (older configs) reads as this")
     min_gain: float = Field(0.0, description="nats per point the candidate must win by")
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _physical(cls, v: Any) -> Any:
+        return GATE_METRIC if v == "tar_ll" else v
 
 
 class PretrainSpec(_Strict):
@@ -112,6 +125,31 @@ def _flownp_weights(ck: dict[str, Any], key: str) -> dict[str, Any]:
     if ck.get("gav_config") is not None:
         sd = {k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")}
     return sd
+
+
+def compare(cand: dict[str, Any], cur: dict[str, Any] | None, *, min_gain: float = 0.0,
+            current_version: str | None = None) -> dict[str, Any]:
+    """The promotion gate on two `evaluate_checkpoint` results: the candidate wins when its target
+    log-likelihood in physical units (nats per target point in kPa, degC, m/s) beats the current model's by
+    more than `min_gain`. Normalised tar_ll is no common scale: each checkpoint's is in its own normaliser's
+    units, which shift by a constant when new training years change the normaliser. The two scores must be
+    paired (same frozen tasks, same estimator with the same probe seed), else the comparison is refused."""
+    c = cand["flownp"]
+    if cur is not None:
+        o = cur["flownp"]
+        if cand["eval_set"] != cur["eval_set"] or c["n_tasks"] != o["n_tasks"]:
+            raise ValueError("candidate and current model were scored on different evaluation sets")
+        diff = {k: (c["predictor"].get(k), o["predictor"].get(k)) for k in PAIRED_KEYS
+                if c["predictor"].get(k) != o["predictor"].get(k)}
+        if diff:
+            raise ValueError(f"candidate and current model were scored differently (not paired): {diff}")
+    cand_metric = float(c[GATE_METRIC])
+    cur_metric = float(cur["flownp"][GATE_METRIC]) if cur is not None else None
+    wins = cur_metric is None or cand_metric > cur_metric + min_gain
+    return {"metric": GATE_METRIC, "units": "nats per target point, 4 variables summed, physical units",
+            "candidate": cand_metric, "current": cur_metric, "current_version": current_version,
+            "min_gain": min_gain, "eval_set": cand["eval_set"],
+            "scoring": {k: c["predictor"].get(k) for k in PAIRED_KEYS}, "promoted": wins}
 
 
 def _done(run: Path, steps: int) -> bool:
@@ -217,16 +255,21 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
     assert candidate is not None
     e = job.evaluate
 
+    # both models on the same frozen tasks with the same 1-probe Hutchinson estimator and probe seed: the
+    # probes are drawn per batch from that seed, so the two scores are paired
+    scoring = {"ll_solver": e.ll_solver, "probe_seed": e.seed, "n_probes": 1}
+
     def score(ckpt: Path, name: str) -> dict[str, Any]:
         out = work / f"eval-{name}.json"
         sha = sha256_file(ckpt)
         if out.exists():
             r = json.loads(out.read_text())
-            if r.get("checkpoint_sha256") == sha:
+            if r.get("checkpoint_sha256") == sha and r.get("scoring") == scoring:
                 return r
         r = evaluate_checkpoint(str(ckpt), job.store, split=e.split, eval_set=str(es_dir), n_samples=0,
-                                ll_solver=e.ll_solver, exact=False, oracle=False, progress=progress)
-        r["checkpoint_sha256"] = sha
+                                ll_solver=e.ll_solver, n_probes=scoring["n_probes"], seed=scoring["probe_seed"],
+                                exact=False, oracle=False, progress=progress)
+        r["checkpoint_sha256"], r["scoring"] = sha, scoring
         write_json_atomic(out, r)
         return r
 
@@ -236,11 +279,8 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
         return state
 
     # 6. promote (atomic; never twice for the same candidate)
-    cand_metric = cand["flownp"][e.metric]
-    cur_metric = cur["flownp"][e.metric] if cur else None
-    wins = cur_metric is None or cand_metric > cur_metric + e.min_gain
-    comparison = {"metric": e.metric, "candidate": cand_metric, "current": cur_metric, "current_version": current,
-                  "min_gain": e.min_gain, "eval_set": cand["eval_set"], "promoted": wins}
+    comparison = compare(cand, cur, min_gain=e.min_gain, current_version=current)
+    wins, cand_metric = comparison["promoted"], comparison["candidate"]
     state["comparison"] = comparison
     already = [m["version"] for m in reg.list() if m.get("files", {}).get("model.pt") == cand["checkpoint_sha256"]]
     if already and reg.current() == already[0]:  # promoted by an earlier run of this job
@@ -252,7 +292,7 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
         data = {"store": job.store, "store_manifest_sha256": store.manifest_sha256,
                 "years_per_split": store.manifest.get("years_per_split"),
                 "maps_per_split": store.manifest.get("maps_per_split")}
-        state["promoted"] = reg.add(candidate, metrics={e.metric: cand_metric, "eval": cand["flownp"]}, data=data,
+        state["promoted"] = reg.add(candidate, metrics={GATE_METRIC: cand_metric, "eval": cand["flownp"]}, data=data,
                                     base={"previous_current": current, "model": cand["flownp"]["predictor"]["model"]},
                                     comparison=comparison, promote=True, expect_current=current)
     else:

@@ -4,13 +4,15 @@ Every random draw is a function of (seed, rank, step): the task stream comes fro
 (seed, epoch, batch) and the path noise from a generator seeded with (seed, rank, step), so `--resume`
 continues exactly as an uninterrupted run would. DDP-ready: torchrun's environment is detected, rank 0
 alone logs and writes checkpoints (atomically).
-Run: `flownp pretrain --data STORE --out RUN` or `torchrun --nproc-per-node=N -m flownp.train ...`.
+Run: `flownp pretrain --data STORE --out RUN` or `torchrun --nproc-per-node=N -m flownp.train ...`
+(`python -m flownp.train ARGS` is `flownp pretrain ARGS`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -29,6 +31,7 @@ from flownp.paths import flow_matching_loss, sample_path
 from ingest.store import Store
 from ingest.tasks import TaskBatch, TaskConfig, TaskSampler
 
+LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -183,6 +186,27 @@ class Trainer:
         self.ema.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
         self.step, self.best_val = int(ck["step"]), float(ck["best_val"])
+        self._check_store(path, ck)
+
+    def _check_store(self, path: str | Path, ck: dict[str, Any]) -> None:
+        """Warn (not refuse: a job may rerun on a store that new files were ingested into) when the store
+        differs from the one the checkpoint was trained on: the resumed task stream is then not the one an
+        uninterrupted run would have drawn."""
+        was, now = ck.get("store_manifest_sha256"), self.store.manifest_sha256
+        if was == now:
+            return
+        norm = "; the checkpoint's normaliser differs from this run's too" \
+            if ck.get("normalizer") is not None and ck["normalizer"] != self.normalizer.to_dict() else ""
+        msg = (f"resuming {path} on a changed store: the checkpoint was trained on store manifest sha256 {was}, "
+               f"the store at {self.store.path} now has {now}; the resumed task stream differs from an "
+               f"uninterrupted run's{norm}")
+        if self.dist.is_main:
+            LOG.warning(msg)
+            if self.out.is_dir():
+                with open(self.out / "log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, "warning": "store changed on resume",
+                                        "checkpoint_store_manifest_sha256": was,
+                                        "store_manifest_sha256": now}) + "\n")
 
     # ---- loop -------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -229,8 +253,10 @@ class Trainer:
                     with open(log, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 last = rec
-            if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes \
-                    and self.step < cfg.steps:
+            # the stop is decided together (one tiny all-reduce under torchrun, nothing otherwise): each rank's
+            # clock differs, and a rank stopping alone would leave the others blocked in DDP's all-reduce
+            if max_minutes is not None and self.step < cfg.steps \
+                    and self.dist.any(time.perf_counter() - t0 > 60 * max_minutes):
                 self.save("last.pt")
                 if self.dist.is_main:
                     with open(log, "a") as f:
@@ -263,3 +289,19 @@ def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | Any = N
     if resume and (Path(out) / "last.pt").exists():
         trainer.resume(Path(out) / "last.pt")
     return trainer.run(progress, max_minutes=max_minutes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flownp.train ARGS` (and `torchrun ... -m flownp.train ARGS`): the `flownp pretrain` command."""
+    import sys
+
+    import typer
+
+    from flownp.cli import app  # the CLI imports this module lazily, inside its commands: no cycle
+
+    cmd = typer.main.get_command(app).commands["pretrain"]  # type: ignore[attr-defined]
+    cmd.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m flownp.train")
+
+
+if __name__ == "__main__":
+    main()

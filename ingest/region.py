@@ -75,6 +75,19 @@ class Region:
     def n_points(self) -> int:
         return int(self.circle_mask.sum())
 
+    @property
+    def radius_degrees(self) -> float:
+        """Radius of the trained disc in degrees (5.0 for Memphis)."""
+        return self.circle_radius_index * self.resolution
+
+    def in_circle(self, lat: np.ndarray, lon: np.ndarray, tol: float = 1e-9) -> np.ndarray:
+        """Which points (degrees north / east, any shape) lie in the disc the model was trained on:
+        within `radius_degrees` (+ `tol`) of the centre. The one region rule of the service and the
+        Python API (every circle point is inside; off-grid points inside the disc are accepted too)."""
+        lat = np.asarray(lat, dtype=np.float64)
+        lon = np.asarray(lon, dtype=np.float64)
+        return np.hypot(lon - self.centre_lon, lat - self.centre_lat) <= self.radius_degrees + tol
+
     @cached_property
     def circle_lat(self) -> np.ndarray:
         """(P,) latitude of each circle point, degrees north."""

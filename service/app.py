@@ -1,14 +1,16 @@
 """The FastAPI app: `create_app(settings)`; run with `flownp-serve` (uvicorn) or
 `uvicorn service.app:create_app --factory`.
 
-Routes: POST /v1/extrapolate, POST /v1/log-likelihood, GET /v1/models[/{version}], /livez, /readyz,
-/metrics. Models load in the lifespan handler (in a thread: /livez answers at once, /readyz says 503
-until they are loaded and warmed up).
+Routes: POST /v1/extrapolate, POST /v1/log-likelihood, GET /v1/models[/{version}], POST /v1/admin/reload,
+/livez, /readyz, /metrics. Models load in the lifespan handler (in a thread: /livez answers at once, /readyz
+says 503 until they are loaded and warmed up); with FLOWNP_REGISTRY_POLL_S > 0 a background task there
+also watches the registry and reloads when its CURRENT changes (service.engine.watch_registry).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -26,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flownp.solvers import SolverConfig
 from service import __version__, convert
-from service.engine import Engine, LoadError, Task, resolve_estimator, run_extrapolate, run_log_likelihood
+from service.engine import (Engine, LoadError, Task, check_context_size, resolve_estimator, run_extrapolate,
+                            run_log_likelihood, watch_registry)
 from service.errors import ApiError
 from service.http import NETCDF, ApiKeys, Observe, choose_format, read_json, validate
 from service.metrics import Metrics
@@ -61,9 +64,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(asyncio.to_thread(engine.load))
         app.state.loader = loader
+        watcher = None
+        if settings.registry is not None and settings.registry_poll_s > 0:
+            watcher = asyncio.create_task(watch_registry(engine, settings.registry_poll_s, after=loader))
+        app.state.watcher = watcher
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             engine.shutdown()
 
     app = FastAPI(title="FlowNP weather extrapolation", version=__version__, lifespan=lifespan,
@@ -101,7 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
         if engine.ready:
-            return _json({"status": "ready", "models": sorted(engine.models), "default": engine.default})
+            served = engine.served  # one snapshot: models and default always from the same load
+            return _json({"status": "ready", "models": sorted(served.models), "default": served.default})
         if engine.load_error:
             return _error(ApiError(503, "load_failed", "the configured model failed to load; see the server log",
                                    headers={"Retry-After": "30"}))
@@ -120,7 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/models", tags=["models"], dependencies=protected)
     async def models() -> Response:
         _ready()
-        return _json({"default": engine.default, "models": [m.info for m in engine.models.values()]})
+        served = engine.served
+        return _json({"default": served.default, "models": [m.info for m in served.models.values()]})
 
     @app.post("/v1/admin/reload", tags=["admin"], dependencies=protected)
     async def reload() -> Response:
@@ -148,8 +161,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         req = validate(ExtrapolateRequest, await read_json(request, settings.max_body_bytes), settings)
         fmt = choose_format(req.format, request.headers.get("accept", ""))
         _ready()
-        lm = engine.get(req.model)
+        lm = engine.get(req.model)  # one read of the served snapshot; the request keeps this model
         ctx = req.context
+        check_context_size(lm, ctx.n, settings)
         convert.check_points(lm.region, ctx.latitude, ctx.longitude, "context")
         if isinstance(req.targets, Points):
             convert.check_points(lm.region, req.targets.latitude, req.targets.longitude, "targets")
@@ -205,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         req = validate(LogLikelihoodRequest, await read_json(request, settings.max_body_bytes), settings)
         _ready()
         lm = engine.get(req.model)
+        check_context_size(lm, req.context.n, settings)
         convert.check_points(lm.region, req.context.latitude, req.context.longitude, "context")
         convert.check_points(lm.region, req.targets.latitude, req.targets.longitude, "targets")
         estimator = resolve_estimator(lm, req.estimator, req.targets.n, settings)

@@ -1,8 +1,8 @@
 """Between the API (ERA5 units, degrees) and the model (normalised values, model coordinates), through
 ingest.region, ingest.variables and the checkpoint's Normalizer: this module only calls them.
 
-Region check: a point must lie in the disc the model was trained on (the circle of ingest.region:
-index distance < circle_radius_index, i.e. within radius * resolution degrees of the centre).
+Region check: a point must lie in the disc the model was trained on (`Region.in_circle`: within
+radius * resolution degrees of the centre), the same rule as flownp.api's.
 """
 
 from __future__ import annotations
@@ -14,32 +14,20 @@ from ingest.region import Region
 from ingest.variables import BY_NAME, NAMES, era5_to_model, model_to_era5
 from service.errors import ApiError
 
-_EPS = 1e-9
-
-
-def _radius_model(region: Region) -> float:
-    """Radius of the trained disc in model coordinates (10 for Memphis)."""
-    return region.circle_radius_index * region.resolution * region.coordinate_scale
-
-
-def _inside(region: Region, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-    xy = region.to_model(lon, lat)
-    return np.hypot(xy[..., 0], xy[..., 1]) <= _radius_model(region) + _EPS
-
 
 def check_points(region: Region, lat: list[float], lon: list[float], where: str) -> None:
     """Raise 422 with a code saying what is wrong: swapped lat/lon, 0..360 longitudes, or outside."""
     la, lo = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
-    ok = _inside(region, la, lo)
+    ok = region.in_circle(la, lo)
     if ok.all():
         return
     bad = ~ok
-    deg = region.circle_radius_index * region.resolution
-    if _inside(region, lo[bad], la[bad]).all():
+    deg = region.radius_degrees
+    if region.in_circle(lo[bad], la[bad]).all():
         raise ApiError(422, "swapped_coordinates", f"{where}: latitude and longitude look swapped "
                        f"(latitude is degrees north, about {region.centre_lat:g}; longitude degrees east, "
                        f"about {region.centre_lon:g})")
-    if (lo[bad] > 180).all() and _inside(region, la[bad], lo[bad] - 360).all():
+    if (lo[bad] > 180).all() and region.in_circle(la[bad], lo[bad] - 360).all():
         raise ApiError(422, "longitude_0_360", f"{where}: longitudes must be in -180..180 degrees east; "
                        "subtract 360 from values above 180")
     i = int(np.flatnonzero(bad)[0])

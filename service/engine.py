@@ -20,11 +20,13 @@ import asyncio
 import hashlib
 import io
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -62,6 +64,7 @@ class LoadedModel:
     normalizer: Normalizer
     region: Region
     info: dict[str, Any]
+    trained_min_context: int | None = None  # the smallest n_ctx in its training tasks, if the checkpoint says
     log_jac: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +73,19 @@ class LoadedModel:
     @property
     def independent(self) -> bool:
         return getattr(self.model.config, "targets", "joint") == "independent"
+
+    def min_context(self, settings: Settings) -> int:
+        """Fewest context points a request may send: the setting, raised to the smallest context the
+        model was trained on (below it the model extrapolates outside its training distribution)."""
+        return max(settings.min_context, self.trained_min_context or 0)
+
+
+def check_context_size(lm: LoadedModel, n_ctx: int, settings: Settings) -> None:
+    """422 too_few when the context is smaller than this model's minimum (`LoadedModel.min_context`)."""
+    need = lm.min_context(settings)
+    if n_ctx < need:
+        raise ApiError(422, "too_few", f"context has {n_ctx} point(s); model {lm.version} needs at least {need} "
+                       "(the fewest it was trained on)")
 
 
 def _verified_checkpoint(path: Path, sha256: str, what: str) -> tuple[dict[str, Any], str]:
@@ -87,6 +103,15 @@ def _verified_checkpoint(path: Path, sha256: str, what: str) -> tuple[dict[str, 
         raise LoadError(f"{what}: not a loadable checkpoint ({type(exc).__name__})") from None
 
 
+def default_checkpoint() -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(checkpoint, sha256, manifest) of the embedded default model, verified against its manifest
+    (the service's fallback, and flownp.api.Extrapolator.from_default)."""
+    ckpt, _ = default_model.default_paths()
+    man = default_model.read_manifest()
+    ck, digest = _verified_checkpoint(ckpt, man["sha256"], "embedded default model")
+    return ck, digest, man
+
+
 def _build(version: str, ck: dict[str, Any], digest: str, source: str, extra: dict[str, Any]) -> LoadedModel:
     model = model_from_checkpoint(ck)
     for p in model.parameters():
@@ -95,6 +120,8 @@ def _build(version: str, ck: dict[str, Any], digest: str, source: str, extra: di
     normalizer = Normalizer.from_dict(ck["normalizer"])
     cfg = ck["model_config"]
     independent = cfg.get("targets") == "independent"
+    trained_min = (ck.get("task_config") or {}).get("n_ctx_min")
+    trained_min = int(trained_min) if isinstance(trained_min, (int, float)) and trained_min > 0 else None
     info = {
         "version": version, "source": source, "sha256": digest, "kind": ck.get("kind"), "step": ck.get("step"),
         "synthetic": bool(extra.pop("synthetic", False)), "model_config": cfg,
@@ -105,25 +132,46 @@ def _build(version: str, ck: dict[str, Any], digest: str, source: str, extra: di
         "variables": {n: {"units": BY_NAME[n].era5_units, "long_name": BY_NAME[n].long_name} for n in NAMES},
         "normalizer": normalizer.to_dict(),
         "region": {"name": region.name, "centre_latitude": region.centre_lat, "centre_longitude": region.centre_lon,
-                   "radius_degrees": region.circle_radius_index * region.resolution,
+                   "radius_degrees": region.radius_degrees,
                    "circle_points": region.n_points, "bounds": region.bounds},
+        "trained_min_context": trained_min,
         "store_manifest_sha256": ck.get("store_manifest_sha256"), "versions": ck.get("versions"), **extra,
     }
-    return LoadedModel(version, model, normalizer, region, info)
+    return LoadedModel(version, model, normalizer, region, info, trained_min)
+
+
+def registry_state(settings: Settings) -> tuple[str | None, list[str], tuple[Any, ...]]:
+    """(current version, versions, marker) of the configured registry. The marker is what a registry watch
+    compares: CURRENT, plus the version list when every version is served."""
+    from flownp.registry import Registry
+
+    reg = Registry(settings.registry)  # type: ignore[arg-type]
+    current = reg.current()
+    versions = reg.versions()
+    return current, versions, ((current, tuple(versions)) if settings.registry_all else (current,))
 
 
 def load_models(settings: Settings) -> dict[str, LoadedModel]:
     """The configured models (registry and/or checkpoint), else the embedded default. Only configured
     paths are read; every file's sha256 is checked against its manifest before torch.load."""
+    return _load_models(settings)[0]
+
+
+def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any, ...] | None]:
+    """load_models, and the registry marker (registry_state) the models were read under (None: no registry).
+    A registry with nothing promoted yet is not an error: the checkpoint, else the embedded default, is
+    served until a version is promoted (then a reload, by hand or by the registry watch, picks it up)."""
     out: dict[str, LoadedModel] = {}
+    marker = None
     if settings.registry is not None:
         from flownp.registry import Registry
 
         reg = Registry(settings.registry)
-        current = reg.current()
-        names = reg.versions() if settings.registry_all else [current]
-        if not names or names == [None]:
-            raise LoadError("registry: no promoted version to serve")
+        current, versions, marker = registry_state(settings)
+        names = versions if settings.registry_all else [v for v in [current] if v is not None]
+        if not names:
+            log.warning("registry: no promoted version yet; serving the %s until one is promoted",
+                        "configured checkpoint" if settings.checkpoint is not None else "embedded default model")
         for v in names:
             man = reg.manifest(v)
             ck, digest = _verified_checkpoint(reg.versions_dir / v / "model.pt", man["files"]["model.pt"],
@@ -143,12 +191,10 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
         ck, digest = _verified_checkpoint(path, sha, f"checkpoint {version}")
         out[version] = _build(version, ck, digest, "checkpoint", {})
     if not out:
-        ckpt, _ = default_model.default_paths()
-        man = default_model.read_manifest()
-        ck, digest = _verified_checkpoint(ckpt, man["sha256"], "embedded default model")
+        ck, digest, man = default_checkpoint()
         extra = {k: man.get(k) for k in ("description", "recipe", "trained_on")}
         out[man["version"]] = _build(man["version"], ck, digest, "embedded", {**extra, "synthetic": True})
-    return out
+    return out, marker
 
 
 # ---- deadline-aware model view ----------------------------------------------------------------------
@@ -237,22 +283,50 @@ def run_log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, est
 
 
 # ---- the engine ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Served:
+    """What the engine serves, replaced as one object (never mutated): a request reads `engine.served`
+    once and uses that snapshot, so it can never pair new models with an old default."""
+
+    models: Mapping[str, LoadedModel]
+    default: str | None
+    registry_marker: tuple[Any, ...] | None = None  # registry_state()'s marker when these were loaded
+
+    def get(self, version: str | None) -> LoadedModel:
+        v = version or self.default
+        if v not in self.models:
+            raise ApiError(404, "model_not_found", f"unknown model version {version!r}; GET /v1/models lists "
+                           f"the loaded ones: {sorted(self.models)}")
+        return self.models[v]
+
+
+_NOTHING = Served(MappingProxyType({}), None, ("<not loaded>",))
+
+
 class Engine:
     """Loaded models plus the worker pool. `load()` (blocking) loads and warms up; `submit()` runs a job."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
-        self.models: dict[str, LoadedModel] = {}
-        self.default: str | None = None
+        self.served: Served = _NOTHING
         self.ready = False
         self.load_error: str | None = None
         self._jobs = 0
+        self._reload_lock = threading.Lock()  # one (re)load at a time: the admin route and the registry watch
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="flownp-engine")
 
+    @property
+    def models(self) -> Mapping[str, LoadedModel]:
+        return self.served.models
+
+    @property
+    def default(self) -> str | None:
+        return self.served.default
+
     # loading
-    def _load_all(self) -> tuple[dict[str, LoadedModel], str]:
+    def _load_all(self) -> Served:
         """Load (and warm up) the configured models without touching the ones being served."""
-        models = load_models(self.settings)
+        models, marker = _load_models(self.settings)
         default = self.settings.default_version or next(
             (v for v, m in models.items() if m.info.get("current")), next(iter(models)))
         if default not in models:
@@ -262,15 +336,16 @@ class Engine:
         if self.settings.warmup:
             for lm in models.values():
                 self.warm_up(lm)
-        return models, default
+        return Served(MappingProxyType(dict(models)), default, marker)
 
     def load(self) -> None:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         try:
-            self.models, self.default = self._load_all()
+            with self._reload_lock:
+                self.served = self._load_all()
             self.ready = True
-            log.info("models ready: %s (default %s)", sorted(self.models), self.default)
+            log.info("models ready: %s (default %s)", sorted(self.served.models), self.served.default)
         except Exception as exc:
             self.load_error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.load_error)
@@ -279,17 +354,25 @@ class Engine:
         """Re-read the configured sources (e.g. a registry after a promotion) and swap the served models in
         one assignment; requests already running keep the models they started with. On any failure the
         served models stay as they were and the error is raised (LoadError)."""
-        before = self.default
-        try:
-            models, default = self._load_all()
-        except Exception as exc:
-            if isinstance(exc, LoadError):
-                raise
-            raise LoadError(f"{type(exc).__name__}: {exc}") from None
-        self.models, self.default = models, default
-        self.ready, self.load_error = True, None
-        log.info("models reloaded: %s (default %s, was %s)", sorted(models), default, before)
-        return {"default": default, "previous_default": before, "models": sorted(models)}
+        with self._reload_lock:
+            before = self.served.default
+            try:
+                served = self._load_all()
+            except Exception as exc:
+                if isinstance(exc, LoadError):
+                    raise
+                raise LoadError(f"{type(exc).__name__}: {exc}") from None
+            self.served = served
+            self.ready, self.load_error = True, None
+        log.info("models reloaded: %s (default %s, was %s)", sorted(served.models), served.default, before)
+        return {"default": served.default, "previous_default": before, "models": sorted(served.models)}
+
+    def registry_changed(self) -> bool:
+        """Whether the registry's CURRENT (or, serving every version, its version list) differs from what
+        the served models were loaded under. Blocking (reads the registry); errors propagate."""
+        if self.settings.registry is None:
+            return False
+        return registry_state(self.settings)[2] != self.served.registry_marker
 
     def warm_up(self, lm: LoadedModel) -> None:
         """One small job through the same code path (first calls allocate and pick kernels)."""
@@ -303,11 +386,7 @@ class Engine:
                         deadline=time.monotonic() + 600)
 
     def get(self, version: str | None) -> LoadedModel:
-        v = version or self.default
-        if v not in self.models:
-            raise ApiError(404, "model_not_found", f"unknown model version {version!r}; GET /v1/models lists "
-                           f"the loaded ones: {sorted(self.models)}")
-        return self.models[v]
+        return self.served.get(version)
 
     # running
     async def submit(self, op: str, fn: Callable[[float], Any], timeout_s: float | None) -> tuple[Any, dict[str, float]]:
@@ -354,3 +433,26 @@ class Engine:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+
+async def watch_registry(engine: Engine, interval_s: float, after: "asyncio.Future[Any] | None" = None) -> None:
+    """The registry watch (FLOWNP_REGISTRY_POLL_S): every `interval_s` seconds read the registry's CURRENT and,
+    when it differs from what is served, reload through `Engine.reload` (the path of POST /v1/admin/reload).
+    A failed reload keeps the served models, is logged, and is retried with backoff (doubling, at most
+    max(interval, 10 min)). Starts after `after` (the first load). Runs until cancelled."""
+    if after is not None:
+        await asyncio.wait([after])
+    failures = 0
+    while True:
+        await asyncio.sleep(min(interval_s * 2 ** min(failures, 16), max(interval_s, 600.0)))
+        try:
+            if not await asyncio.to_thread(engine.registry_changed):
+                failures = 0
+                continue
+            out = await asyncio.to_thread(engine.reload)
+            failures = 0
+            log.info("registry watch: the registry changed; serving %s (was %s)", out["default"],
+                     out["previous_default"])
+        except Exception as exc:  # keep serving what we have; CancelledError (a BaseException) ends the watch
+            failures += 1
+            log.error("registry watch: reload failed (%d in a row), still serving %s: %s", failures,
+                      engine.served.default, exc if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}")

@@ -2,7 +2,8 @@
 FLOWNP_CHECKPOINT=/models/best.pt FLOWNP_CHECKPOINT_SHA256=<hex> FLOWNP_API_KEYS_FILE=/run/secrets/keys.
 
 Models: a checkpoint (its sha256 given here or in a sidecar `<checkpoint>.sha256`), and/or a registry
-(flownp.registry: sha256 from each version's manifest). Neither: the embedded synthetic default model.
+(flownp.registry: sha256 from each version's manifest). Neither, or a registry with nothing promoted yet:
+the embedded synthetic default model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class Settings(BaseSettings):
     registry: Path | None = Field(None, description="A model registry (flownp registry) to serve from.")
     registry_all: bool = Field(False, description="Serve every registry version, not only the current one.")
     default_version: str | None = Field(None, description="Version used when a request names none.")
+    registry_poll_s: float = Field(0.0, ge=0.0, description="Watch the registry: every this many seconds read "
+                                   "its CURRENT and reload when it changed (0: off; POST /v1/admin/reload "
+                                   "reaches one process only, so set it with several replicas).")
 
     # ---- security ------------------------------------------------------------------------------
     api_keys: list[SecretStr] = Field(default_factory=list, description="API keys; empty with no file: auth off.")
@@ -33,7 +37,7 @@ class Settings(BaseSettings):
 
     # ---- limits --------------------------------------------------------------------------------
     max_body_bytes: int = 4 * 1024 * 1024
-    min_context: int = 1
+    min_context: int = 1             # raised per model to the fewest context points it was trained on
     max_context: int = 2000
     max_targets: int = 2000
     max_samples: int = 64

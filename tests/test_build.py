@@ -93,6 +93,22 @@ def test_overlap_and_bad_file_leave_the_store_consistent(geocat, tmp_path):
     assert leftovers == [] and len(list((tmp_path / "s" / "shards").iterdir())) == 1
 
 
+def test_a_file_in_the_gap_of_another_is_added_and_a_shared_time_is_refused(geocat, tmp_path):
+    def at(path, times):
+        ds = geocat.drop_vars("time").expand_dims(time=pd.DatetimeIndex(times))
+        ds.drop_encoding().to_netcdf(path)
+        return path
+
+    jan_dec = at(tmp_path / "jd.nc", ["1986-01-01T00", "1986-01-01T01", "1986-12-31T23"])
+    feb = at(tmp_path / "feb.nc", ["1986-02-01T00", "1986-02-01T01"])  # inside jd's range, no shared time
+    build_store([jan_dec], tmp_path / "s", progress=False)
+    m = build_store([feb], tmp_path / "s", progress=False)
+    assert m["maps_per_split"]["train"] == 5 and len(m["sources"]) == 2
+    clash = at(tmp_path / "x.nc", ["1986-03-01T00", "1986-12-31T23"])  # shares one map with jd.nc
+    with pytest.raises(StoreError, match="overlaps the times of jd.nc"):
+        build_store([clash], tmp_path / "s", progress=False)
+
+
 def test_reference_statistics_option(geocat_file, tmp_path):
     build_store([geocat_file], tmp_path / "s", progress=False, settings=BuildSettings(stats="reference"))
     assert Store.open(tmp_path / "s").normalizer.source == "reference"

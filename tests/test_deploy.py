@@ -107,3 +107,47 @@ def test_shell_lines_in_readme_deploy_section_parse():
     text = (ROOT / "README.md").read_text()
     for m in re.finditer(r"^\s+(flownp (?:retrain|registry) [^\n#]*)", text, re.M):
         parses(shlex.split(m.group(1))[1:])
+
+
+def claim_names(node) -> list[str]:
+    """Every persistentVolumeClaim.claimName anywhere in a manifest."""
+    if isinstance(node, dict):
+        own = [node["persistentVolumeClaim"]["claimName"]] if isinstance(node.get("persistentVolumeClaim"), dict) else []
+        return own + [n for v in node.values() for n in claim_names(v)]
+    if isinstance(node, list):
+        return [n for v in node for n in claim_names(v)]
+    return []
+
+
+def test_every_referenced_volume_claim_is_defined():
+    manifests = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in docs(f)]
+    claims = {d["metadata"]["name"]: d for d in manifests if d["kind"] == "PersistentVolumeClaim"}
+    used = {n for d in manifests for n in claim_names(d)}
+    assert {"flownp-data", "flownp-registry"} <= used  # the walk finds them (so this check can fail)
+    assert used <= set(claims), f"claims used but not defined: {sorted(used - set(claims))}"
+    for name in used:  # shared by pods on several nodes (replicas; job ranks): ReadWriteMany
+        assert claims[name]["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert claims[name]["spec"]["resources"]["requests"]["storage"]
+    assert "RWX" in (DEPLOY / "k8s" / "storage.yaml").read_text()
+    assert claim_names({"a": [{"persistentVolumeClaim": {"claimName": "x"}}]}) == ["x"]
+
+
+def test_training_steps_are_200_epochs_at_the_jobs_world_size():
+    """--steps is per rank and each rank draws its own batch (flownp/train.py, ingest/tasks.TaskSampler):
+    an epoch of the 34,560 training maps is ceil(maps / batch) // world steps."""
+    job = next(d for d in docs(DEPLOY / "k8s" / "training-job.yaml") if d["kind"] == "Job")
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    opt = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in cmd if a.startswith("--") and "=" in a}
+    world = int(job["spec"]["parallelism"]) * int(opt["--nproc-per-node"])
+    assert int(opt["--nnodes"].split(":")[-1]) == int(job["spec"]["completions"]) == int(job["spec"]["parallelism"])
+    import numpy as np
+
+    from ingest.region import MEMPHIS
+    from ingest.tasks import TaskConfig, TaskSampler
+
+    lo, hi = (int(x) for x in opt["--n-ctx"].split("-"))
+    maps = np.broadcast_to(np.zeros((1, MEMPHIS.n_points, 4), np.float32), (34_560, MEMPHIS.n_points, 4))
+    per_rank = TaskSampler(maps, MEMPHIS.circle_xy, TaskConfig(lo, hi, None, int(opt["--batch-size"]), 0),
+                           rank=0, world=world)
+    assert world == 2 and len(per_rank) == 173  # steps per epoch on each rank
+    assert int(opt["--steps"]) == 200 * len(per_rank)

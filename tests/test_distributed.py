@@ -54,6 +54,40 @@ def launch(store, out: Path, world=2, stop_at=None, resume=False) -> list[dict]:
     return [torch.load(out.parent / f"{out.name}-rank{r}.pt") for r in range(world)]
 
 
+def _budget_worker(rank: int, world: int, port: int, store: str, out: str, budgets: list[float]) -> None:
+    """One rank of a run where each rank has its own time budget (standing for clocks that disagree)."""
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from flownp.distributed import init_from_env
+    from flownp.train import Trainer
+    from ingest.store import Store
+
+    # a short timeout: a rank left alone in a collective fails the test instead of hanging it
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+    t = Trainer(Store.open(store), out, TINY, TrainConfig(**CFG), init_from_env("cpu"))
+    last = t.run(progress=False, max_minutes=budgets[rank])
+    torch.save({"step": t.step, "stopped_at": last.get("stopped_at")}, Path(out).parent / f"budget-rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_stop_together_when_their_clocks_disagree(tiny_store, tmp_path):
+    # rank 1's budget is spent after its first step, rank 0's never: without a collective decision rank 1
+    # stops alone and rank 0 waits in DDP's all-reduce of step 2
+    out = tmp_path / "run"
+    mp.spawn(_budget_worker, args=(2, free_port(), str(tiny_store), str(out), [60.0, 0.0]), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"budget-rank{r}.pt") for r in range(2)]
+    assert got[0] == got[1] == {"step": 1, "stopped_at": 1}
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1] == {"step": 1, "stopped": "time budget"}
+    from flownp.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "last.pt")["step"] == 1  # written for --resume
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_stay_in_lockstep_and_resume_exactly(tiny_store, tmp_path):
     full = launch(tiny_store, tmp_path / "full")

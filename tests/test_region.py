@@ -61,3 +61,18 @@ def test_region_round_trips_to_dict():
     r = Region(name="other", centre_lon=10.0, centre_lat=50.0, size=21, circle_radius_index=10)
     assert Region.from_dict(r.to_dict()) == r
     assert r.n_points == int(((np.arange(21) - 10)[:, None] ** 2 + (np.arange(21) - 10)[None] ** 2 < 100).sum())
+
+
+def test_in_circle_is_the_trained_disc_not_the_square():
+    r = MEMPHIS
+    assert r.radius_degrees == 5.0
+    assert r.in_circle(r.circle_lat, r.circle_lon).all()  # every trained point
+    assert r.in_circle(35.0, -91.0) and r.in_circle(40.0, -91.0)  # centre; on the edge (within tol)
+    assert not r.in_circle(39.9, -95.9)  # in the square bounding box, outside the disc
+    assert not r.in_circle(35.0, -91.0 + 5.0 + 1e-6) and r.in_circle(35.0, -91.0 + 5.0 + 1e-6, tol=1e-5)
+    assert not r.in_circle(-91.0, 35.0) and not r.in_circle(np.nan, -91.0)  # swapped; NaN
+    grid = r.in_circle(r.lats[:, None], r.lons[None, :])
+    i = np.arange(41) - 20
+    on_edge = i[:, None] ** 2 + i[None, :] ** 2 == 400  # index distance exactly 20: (0, 20), (12, 16), ...
+    assert grid.shape == (41, 41) and np.array_equal(grid, r.circle_mask | on_edge)
+    assert int(on_edge.sum()) == 12 and int(grid.sum()) == r.n_points + 12

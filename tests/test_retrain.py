@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from flownp.cli import app
 from flownp.registry import Registry, RegistryError
-from flownp.retrain import RetrainJob, run_job
+from flownp.retrain import EvalSpec, RetrainJob, compare, run_job
 from service.settings import Settings
 from tests.test_service_common import running, small_request
 
@@ -61,6 +61,7 @@ def test_promotes_only_a_better_candidate_and_the_service_then_serves_it(store, 
         assert better["promoted"] == "v0002" and reg.current() == "v0002"
         assert better["pretrain_init"] == "v0001"
         assert m["comparison"]["current_version"] == "v0001" and m["comparison"]["candidate"] > m["comparison"]["current"]
+        assert m["comparison"]["metric"] == "tar_ll_physical" and m["comparison"]["scoring"]["n_probes"] == 1
         assert m["files"]["model.pt"] and m["data"]["years_per_split"]["test"] == [1989]
         assert client.post("/v1/admin/reload").status_code == 401  # the admin route is behind the key
         r = client.post("/v1/admin/reload", headers=KEY)
@@ -164,6 +165,9 @@ def test_a_stop_between_add_and_promote_is_finished_by_the_rerun(store, tmp_path
     monkeypatch.setattr(Registry, "_promote", real)
     state = run_job(job, progress=False)
     assert state["promoted"] == "v0001" and reg.current() == "v0001" and reg.versions() == ["v0001"]
+    m = reg.manifest("v0001")  # the manifest says which metric the gate compared, and its value
+    assert m["comparison"]["metric"] == "tar_ll_physical"
+    assert m["metrics"]["tar_ll_physical"] == m["comparison"]["candidate"] == m["metrics"]["eval"]["tar_ll_physical"]
 
 
 def test_registry_refuses_a_stale_comparison_and_a_dangling_current(tmp_path):
@@ -180,3 +184,40 @@ def test_registry_refuses_a_stale_comparison_and_a_dangling_current(tmp_path):
     (reg.root / "CURRENT").write_text("v0009\n")
     with pytest.raises(RegistryError, match="not a version"):
         reg.current()
+
+
+def _result(tar_ll, tar_ll_physical, probe_seed=0):
+    pred = {"estimator": "hutchinson", "n_probes": 1, "probe_seed": probe_seed, "ll_solver": "midpoint(25)"}
+    return {"eval_set": {"split": "test", "seed": 0},
+            "flownp": {"tar_ll": tar_ll, "tar_ll_physical": tar_ll_physical, "n_tasks": 4, "predictor": pred}}
+
+
+def test_gate_compares_physical_log_likelihood_not_each_models_normalised_units():
+    # the candidate's normaliser (grown store) is narrower: it wins in its own units, loses in physical ones
+    cand, cur = _result(tar_ll=1.0, tar_ll_physical=-6.0), _result(tar_ll=0.5, tar_ll_physical=-5.0)
+    c = compare(cand, cur, current_version="v0001")
+    assert c["metric"] == "tar_ll_physical" and c["promoted"] is False
+    assert (c["candidate"], c["current"]) == (-6.0, -5.0)
+    # ... and the other way round: worse in its own units, better in physical ones
+    c = compare(_result(tar_ll=0.2, tar_ll_physical=-4.0), cur)
+    assert c["promoted"] is True
+    assert compare(_result(0.2, -4.0), cur, min_gain=1.5)["promoted"] is False  # the margin is in nats per point
+    assert compare(cand, None)["promoted"] is True  # nothing to beat
+    with pytest.raises(ValueError, match="not paired"):  # different Hutchinson probes: no paired comparison
+        compare(_result(0.2, -4.0, probe_seed=1), cur)
+    other = {**cur, "eval_set": {"split": "test", "seed": 1}}
+    with pytest.raises(ValueError, match="different evaluation sets"):
+        compare(cand, other)
+    # older job files name the metric tar_ll: read as its physical-unit form
+    assert EvalSpec(metric="tar_ll").metric == "tar_ll_physical" == EvalSpec().metric
+
+
+def test_version_numbers_are_ordered_and_counted_numerically(tmp_path):
+    reg = Registry(tmp_path / "r")
+    for v in ("v0002", "v9998", "v9999"):
+        (reg.versions_dir / v).mkdir(parents=True)
+    src = tmp_path / "m.pt"
+    src.write_bytes(b"w")
+    assert reg.add(src, metrics={}) == "v10000"
+    assert reg.add(src, metrics={}) == "v10001"  # text order would put v10000 first and make v10000 again
+    assert reg.versions() == ["v0002", "v9998", "v9999", "v10000", "v10001"]

@@ -83,6 +83,9 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("too many probes", "/v1/extrapolate", mutate("log_likelihood.n_probes", 100), {}, 422, "too_many"),
     ("too many targets", "/v1/extrapolate", mutate("targets", {"latitude": [35.0] * 2001,
                                                                 "longitude": [-91.0] * 2001}), {}, 422, "too_many"),
+    ("context below the model's trained minimum", "/v1/extrapolate", small_request(n_ctx=49), {}, 422, "too_few"),
+    ("likelihood: context below the trained minimum", "/v1/log-likelihood",
+     mutate("context", small_request(n_ctx=10)["context"], LL_OK), {}, 422, "too_few"),
     ("empty context", "/v1/extrapolate", mutate("context", {"latitude": [], "longitude": [],
                                                             "values": {"sp": [], "t2m": [], "u10": [], "v10": []}}),
      {}, 422, "too_few"),
@@ -171,7 +174,7 @@ def fuzz_client():
 @given(path=st.sampled_from(PATHS), value=json_value, delete=st.booleans())
 def test_fuzz_one_field_never_500(fuzz_client, path, value, delete):
     body = mutate(path, DELETE if delete else value,
-                  small_request(n_ctx=20, n_tgt=4, steps=1, log_likelihood={"steps": 1}))
+                  small_request(n_ctx=50, n_tgt=4, steps=1, log_likelihood={"steps": 1}))
     r = post(fuzz_client, "/v1/extrapolate", json.dumps(body, allow_nan=True), {})
     assert r.status_code < 500, r.text[:300]
     if r.status_code >= 400:

@@ -23,8 +23,9 @@ def values(lat: np.ndarray, lon: np.ndarray) -> dict[str, list[float]]:
             "u10": (3.0 + 0.1 * (lat - 35)).tolist(), "v10": (-1.0 + 0.1 * (lon + 91)).tolist()}
 
 
-def small_request(n_ctx: int = 30, n_tgt: int = 6, **kw: Any) -> dict[str, Any]:
-    """A cheap valid /v1/extrapolate body: seeded context/targets on the circle, 2 samples, 2 steps."""
+def small_request(n_ctx: int = 60, n_tgt: int = 6, **kw: Any) -> dict[str, Any]:
+    """A cheap valid /v1/extrapolate body: seeded context/targets on the circle, 2 samples, 2 steps. The
+    context is at least what the models in the tests were trained on (50 for the embedded default)."""
     idx = np.random.default_rng(0).permutation(R.n_points)
     ci, ti = idx[:n_ctx], idx[n_ctx:n_ctx + n_tgt]
     lat, lon = R.circle_lat[ci], R.circle_lon[ci]

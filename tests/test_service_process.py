@@ -62,7 +62,7 @@ def server():
 def test_client_against_a_real_uvicorn_process(server):
     with Client(server) as c:
         assert c.ready() and c.models()["models"][0]["synthetic"] is True
-        ctx = c.circle(index=range(0, 1245, 40))
+        ctx = c.circle(index=range(0, 1245, 20))  # 63 points: the model needs >= 50
         for n, col in values(ctx.latitude.values, ctx.longitude.values).items():
             ctx[n] = ("point", np.asarray(col))
         tg = c.circle(index=[5, 600, 1200])

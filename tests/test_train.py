@@ -77,3 +77,53 @@ def test_short_training_beats_the_prior(tiny_store, tmp_path):
     gain = float((res.per_point - prior).mean())
     # nats per target point over N(0, I) (about 0.9 measured; an untrained model scores about 0)
     assert gain > 0.5, gain
+
+
+def test_resume_on_a_changed_store_warns_with_both_hashes(tiny_store, tmp_path, caplog):
+    from flownp.checkpoint import save_checkpoint
+
+    store = Store.open(tiny_store)
+    t = Trainer(store, tmp_path / "run", TINY, cfg(steps=2, ckpt_every=2))
+    t.run(progress=False)
+    with caplog.at_level("WARNING", logger="flownp.train"):
+        Trainer(store, tmp_path / "run", TINY, cfg(steps=4)).resume(tmp_path / "run" / "last.pt")
+    assert not caplog.records  # same store: resumes silently
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    old = "0" * 64  # the checkpoint was trained on another store (e.g. before new years were ingested)
+    save_checkpoint(tmp_path / "run" / "last.pt", {**ck, "store_manifest_sha256": old})
+    resumed = Trainer(store, tmp_path / "run", TINY, cfg(steps=4))
+    with caplog.at_level("WARNING", logger="flownp.train"):
+        resumed.resume(tmp_path / "run" / "last.pt")  # a warning, not a refusal
+    assert resumed.step == 2
+    [rec] = caplog.records
+    assert rec.levelname == "WARNING" and "changed store" in rec.message
+    assert old in rec.message and store.manifest_sha256 in rec.message
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["checkpoint_store_manifest_sha256"] == old
+    assert rows[-1]["store_manifest_sha256"] == store.manifest_sha256
+
+
+def test_python_m_flownp_train_is_the_pretrain_command(monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import flownp.train as train
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    r = subprocess.run([sys.executable, "-m", "flownp.train", "--help"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "python -m flownp.train" in r.stdout
+    for opt in ("--data", "--out", "--steps", "--max-minutes", "--resume"):
+        assert opt in r.stdout, opt
+    # the same argv reaches pretraining as `flownp pretrain ARGV` would pass it
+    seen = {}
+    monkeypatch.setattr(train, "pretrain", lambda data, out, mcfg, tcfg, **kw: seen.update(
+        data=data, out=out, mcfg=mcfg, tcfg=tcfg, **kw) or {})
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--steps", "7", "--d-model", "8",
+                    "--max-minutes", "1.5", "--resume", "--quiet"])
+    assert exit_.value.code in (0, None)
+    assert seen["data"] == tmp_path / "s" and seen["out"] == tmp_path / "r" and seen["tcfg"].steps == 7
+    assert seen["mcfg"].d_model == 8 and seen["max_minutes"] == 1.5 and seen["resume"] and not seen["progress"]

@@ -1,0 +1,79 @@
+"""The Jupyter API against the service: the embedded default loads with `Extrapolator.from_default()`, the
+region rule is the service's disc (one `Region.in_circle`), and conversions are the service's, so the same
+request and seed give the same samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from flownp.api import Extrapolator
+from ingest.region import MEMPHIS as R
+from service import convert
+from service.errors import ApiError
+from service.settings import Settings
+from tests.test_service_common import running, small_request
+
+
+@pytest.fixture(scope="module")
+def ex() -> Extrapolator:
+    return Extrapolator.from_default()
+
+
+def points(lat, lon) -> xr.Dataset:
+    return xr.Dataset(coords={"latitude": ("point", np.atleast_1d(lat)), "longitude": ("point", np.atleast_1d(lon))})
+
+
+def test_from_default_is_the_verified_synthetic_default(ex):
+    from service import default_model
+
+    man = default_model.read_manifest()
+    assert ex.meta["version"] == man["version"] == "synthetic-default" and ex.meta["synthetic"] is True
+    assert ex.meta["sha256"] == man["sha256"] and ex.region == R
+    assert ex._log_jac == convert.log_jacobian(ex.normalizer)  # the service's conversion, not a copy
+
+
+def test_square_corner_off_the_disc_is_refused_like_the_service(ex):
+    ex._xy(points(35.0 + 4.9, -91.0))  # inside the disc: accepted
+    with pytest.raises(ValueError, match="outside"):  # inside the square bounding box, outside the disc
+        ex._xy(points(39.9, -95.9))
+    with pytest.raises(ApiError) as e:
+        convert.check_points(R, [39.9], [-95.9], "targets")
+    assert e.value.code == "out_of_region"
+
+
+def test_api_and_service_accept_exactly_the_same_points(ex):
+    rng = np.random.default_rng(0)
+    b = R.bounds
+    lat = rng.uniform(b["south"] - 0.5, b["north"] + 0.5, 400)
+    lon = rng.uniform(b["west"] - 0.5, b["east"] + 0.5, 400)
+    # and points right on the disc's edge, just inside and just outside
+    ang = rng.uniform(0, 2 * np.pi, 50)
+    for r in (R.radius_degrees - 1e-7, R.radius_degrees + 1e-7):
+        lat = np.r_[lat, R.centre_lat + r * np.sin(ang)]
+        lon = np.r_[lon, R.centre_lon + r * np.cos(ang)]
+    for la, lo in zip(lat, lon):
+        try:
+            convert.check_points(R, [la], [lo], "context")
+            service_ok = True
+        except ApiError:
+            service_ok = False
+        try:
+            ex._xy(points(la, lo))
+            api_ok = True
+        except ValueError:
+            api_ok = False
+        assert api_ok == service_ok == bool(R.in_circle(la, lo)), (la, lo)
+
+
+def test_same_request_and_seed_give_the_services_samples(ex):
+    body = small_request(num_samples=2, steps=2, seed=11, include=["samples"])
+    c, t = body["context"], body["targets"]
+    ctx = points(c["latitude"], c["longitude"]).assign({n: ("point", np.asarray(v)) for n, v in c["values"].items()})
+    out = ex.extrapolate(ctx, points(t["latitude"], t["longitude"]), num_samples=2, solver="euler:2", seed=11,
+                         with_log_likelihood=False)
+    with running(Settings(warmup=False)) as client:
+        j = client.post("/v1/extrapolate", json=body).json()
+    for n in ("sp", "t2m", "u10", "v10"):
+        np.testing.assert_allclose(out[n].values, j["samples"][n], rtol=1e-6)
