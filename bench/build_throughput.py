@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import netCDF4
-import numpy as np
 import xarray as xr
 
 from ingest.build import build_store

@@ -11,7 +11,8 @@
 # tar_ll with the oracle's, RMSE, CRPS, calibration, context noise, and the Euler steps sweep.
 # Two queues of one thread each; every step is skipped when its output exists (resumable).
 #
-#   bash bench/finetune_study.sh [WORK_DIR] [SEEDS]     (default /tmp/study "0 1")
+#   bash bench/finetune_study.sh [WORK_DIR] [SEEDS]     (default /tmp/study "0 1"; the early base: seed 0)
+#   env: BASES="joint early", VARIANTS="mle-inv gav mle-rand gav-mlp gav-contr", FT_STEPS=200
 #
 # Results: WORK_DIR/ft-results/*.json; summary: python bench/finetune_table.py WORK_DIR/ft-results
 set -euo pipefail
@@ -50,15 +51,18 @@ variant() {  # variant BASE_NAME VARIANT SEED
   evaluate "$base-$v-s$s" "$out/best.pt"
 }
 
-queue() {  # queue BASE SEED...
-  local base=$1; shift
-  evaluate "$base-base" "run-$base/best.pt"
-  for s in "$@"; do
-    for v in $VARIANTS; do variant "$base" "$v" "$s"; done
-  done
+queue() {  # queue BASE SEED EVAL_BASE(0/1)
+  local base=$1 s=$2
+  [ "$3" = 1 ] && evaluate "$base-base" "run-$base/best.pt"
+  for v in $VARIANTS; do variant "$base" "$v" "$s"; done
 }
 
-queue joint $SEEDS > ft-queue-a.out 2>&1 &
-queue early 0 > ft-queue-b.out 2>&1 &
+# one queue (one thread) per base and seed, all in parallel; BASES=early (or joint) runs one base only,
+# e.g. the early base while the joint one is still training
+for base in ${BASES:-joint early}; do
+  if [ "$base" = early ]; then seeds=0; else seeds=$SEEDS; fi
+  first=1
+  for s in $seeds; do queue "$base" "$s" $first > "ft-queue-$base-s$s.out" 2>&1 & first=0; done
+done
 wait
 ls -l ft-results

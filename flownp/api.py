@@ -8,7 +8,9 @@
 
 Datasets have one dimension `point` with coordinates `latitude`, `longitude` (degrees north / east,
 -180..180) and data variables `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1] (ERA5 units). Points must lie in
-the disc the model was trained on (`Region.in_circle`, the service's rule too). Conversion to the model's
+the disc the model was trained on (`Region.in_circle`, the service's rule too), and a context needs at least
+`Extrapolator.min_context` points, the fewest the model was trained on in any stage (the service's
+`too_few` rule, from `flownp.finetune.lineage_n_ctx_min`). Conversion to the model's
 space and the log-Jacobian to ERA5 units are the service's (service.convert, through ingest.variables and the
 checkpoint's normaliser), so both answer the same. Log-likelihoods are in nats for the values in ERA5 units
 (a density over Pa, K, m s-1).
@@ -24,6 +26,7 @@ import torch
 import xarray as xr
 
 from flownp.evaluate import parse_solver
+from flownp.finetune import lineage_n_ctx_min
 from flownp.likelihood import log_likelihood
 from flownp.sampling import sample
 from ingest.normalize import Normalizer
@@ -35,9 +38,12 @@ from service import convert
 class Extrapolator:
     """A loaded model with its normaliser and region. Shapes inside: context (1, n_ctx, 2|4)."""
 
-    def __init__(self, model: Any, normalizer: Normalizer, region: Region, meta: dict[str, Any] | None = None):
+    def __init__(self, model: Any, normalizer: Normalizer, region: Region, meta: dict[str, Any] | None = None,
+                 trained_min_context: int | None = None):
         self.model, self.normalizer, self.region, self.meta = model.eval(), normalizer, region, meta or {}
         self._log_jac = convert.log_jacobian(normalizer)  # log |d normalised / d ERA5 units| per point
+        # fewest context points accepted: the smallest n_ctx of the model's training lineage (as the service)
+        self.min_context = max(1, trained_min_context or 0)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "Extrapolator":
@@ -45,7 +51,8 @@ class Extrapolator:
 
         ck = load_checkpoint(path)
         return cls(model_from_checkpoint(ck), Normalizer.from_dict(ck["normalizer"]), Region.from_dict(ck["region"]),
-                   {"checkpoint": str(path), "kind": ck.get("kind"), "step": ck.get("step")})
+                   {"checkpoint": str(path), "kind": ck.get("kind"), "step": ck.get("step")},
+                   lineage_n_ctx_min(ck))
 
     @classmethod
     def from_default(cls) -> "Extrapolator":
@@ -57,7 +64,7 @@ class Extrapolator:
         ck, digest, man = default_checkpoint()
         return cls(model_from_checkpoint(ck), Normalizer.from_dict(ck["normalizer"]), Region.from_dict(ck["region"]),
                    {"version": man["version"], "synthetic": True, "sha256": digest, "kind": ck.get("kind"),
-                    "step": ck.get("step"), "description": man.get("description")})
+                    "step": ck.get("step"), "description": man.get("description")}, lineage_n_ctx_min(ck))
 
     @classmethod
     def from_registry(cls, root: str | Path, version: str | None = None) -> "Extrapolator":
@@ -82,6 +89,16 @@ class Extrapolator:
             raise ValueError(f"{int((~inside).sum())} points lie outside the model's region (the disc within "
                              f"{r.radius_degrees:g} degrees of {r.centre_lat:g} N, {r.centre_lon:g} E)")
         return torch.from_numpy(self.region.to_model(lon, lat).astype(np.float32))
+
+    def _check_context_size(self, context: xr.Dataset) -> None:
+        """ValueError when the context has fewer points than the model was trained on (the service's 422
+        too_few): below it the model extrapolates outside its training distribution."""
+        if "latitude" not in context.coords and "latitude" not in context:
+            return  # _xy says what is missing
+        n = int(np.asarray(context["latitude"]).size)
+        if n < self.min_context:
+            raise ValueError(f"context has {n} point(s); this model needs at least {self.min_context} "
+                             "(the fewest it was trained on)")
 
     def _values(self, ds: xr.Dataset) -> torch.Tensor:
         missing = [n for n in NAMES if n not in ds]
@@ -130,6 +147,7 @@ class Extrapolator:
                     ll_solver: str = "midpoint:50") -> xr.Dataset:
         """Samples (sample, point) of the four variables at the targets, in ERA5 units, with each sample's
         joint log-likelihood given the context."""
+        self._check_context_size(context)
         tg = self._targets(context, targets)
         xc, yc, xt = self._xy(context)[None], self._values(context)[None], self._xy(tg)[None]
         smp = sample(self.model, xc, yc, xt, n_samples=num_samples, solver=parse_solver(solver),
@@ -150,6 +168,7 @@ class Extrapolator:
     def log_likelihood(self, context: xr.Dataset, observed: xr.Dataset, *, solver: str = "midpoint:100",
                        estimator: str = "auto", n_probes: int = 1) -> xr.Dataset:
         """Joint log-likelihood (nats, ERA5 units) of observed values at their points given the context."""
+        self._check_context_size(context)
         xc, yc = self._xy(context)[None], self._values(context)[None]
         xt, yt = self._xy(observed)[None], self._values(observed)[None]
         res = log_likelihood(self.model, xc, yc, xt, yt, solver=parse_solver(solver), estimator=estimator,

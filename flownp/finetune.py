@@ -74,6 +74,16 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def lineage_n_ctx_min(ck: dict[str, Any]) -> int | None:
+    """The fewest context points any stage of a checkpoint's training lineage was trained on: its own
+    `task_config.n_ctx_min` and, for a fine-tune, `trained_n_ctx_min` (the minimum over its base's lineage,
+    recorded by `FineTuner.payload`). A model fine-tuned on n_ctx 950-1000 from a base pretrained on
+    50-1000 has 50. None when the checkpoint records neither (older checkpoints)."""
+    vals = ((ck.get("task_config") or {}).get("n_ctx_min"), ck.get("trained_n_ctx_min"))
+    ok = [int(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+    return min(ok) if ok else None
+
+
 @torch.no_grad()
 def invert(model: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
     """Noise z (B, n_tgt, D) that the flow of `model` carries to batch.yt: the ODE backwards from t = 1
@@ -203,11 +213,16 @@ class FineTuner(Trainer):
         gav = getattr(self.model, "gav_config", None)
         if gav is not None:  # a GAV model (new, or an MLE fine-tune of one) rebuilds with its residual
             p["gav_config"] = gav.to_dict()
+        base_min = lineage_n_ctx_min(self.base_ckpt)
         p.update({
             "finetune_config": self.ft.to_dict(), "log_sigma": self.module.log_sigma.detach().cpu(),
             "base_checkpoint": {"path": str(self.base_path), "sha256": self.base_sha256,
-                                "kind": self.base_ckpt.get("kind"), "step": self.base_ckpt.get("step")},
+                                "kind": self.base_ckpt.get("kind"), "step": self.base_ckpt.get("step"),
+                                "n_ctx_min": base_min},
         })
+        # the smallest context over the whole lineage (this stage's task_config holds only its own)
+        own_min = lineage_n_ctx_min({"task_config": p.get("task_config")})
+        p["trained_n_ctx_min"] = min((m for m in (own_min, base_min) if m is not None), default=None)
         return p
 
     def resume(self, path: str | Path) -> None:

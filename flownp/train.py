@@ -189,17 +189,21 @@ class Trainer:
         self._check_store(path, ck)
 
     def _check_store(self, path: str | Path, ck: dict[str, Any]) -> None:
-        """Warn (not refuse: a job may rerun on a store that new files were ingested into) when the store
-        differs from the one the checkpoint was trained on: the resumed task stream is then not the one an
-        uninterrupted run would have drawn."""
+        """Refuse when the store's normaliser differs from the checkpoint's (its weights live in those
+        units); warn (not refuse: a job may rerun on a store that new non-train files were ingested into)
+        when only the store differs: the resumed task stream is then not the one an uninterrupted run
+        would have drawn."""
         was, now = ck.get("store_manifest_sha256"), self.store.manifest_sha256
+        if ck.get("normalizer") is not None and ck["normalizer"] != self.normalizer.to_dict():
+            # the weights were trained in other units: continuing would silently mix two normalisations
+            raise ValueError(f"{path}: the store's normaliser changed since this checkpoint (new train-year "
+                             f"data?): resuming would train its weights in other units; start a new run "
+                             f"(the retraining job's `init: current` continues from a model in a new run)")
         if was == now:
             return
-        norm = "; the checkpoint's normaliser differs from this run's too" \
-            if ck.get("normalizer") is not None and ck["normalizer"] != self.normalizer.to_dict() else ""
         msg = (f"resuming {path} on a changed store: the checkpoint was trained on store manifest sha256 {was}, "
                f"the store at {self.store.path} now has {now}; the resumed task stream differs from an "
-               f"uninterrupted run's{norm}")
+               f"uninterrupted run's")
         if self.dist.is_main:
             LOG.warning(msg)
             if self.out.is_dir():

@@ -171,8 +171,11 @@ def _write_shard(path: Path, times: np.ndarray, blocks: Iterable[np.ndarray], sp
 
 def _shard_times(path: Path) -> np.ndarray:
     """The map times of a shard, datetime64[ns]."""
-    with netCDF4.Dataset(path) as nc:
-        hours = np.asarray(nc["time"][:], dtype=np.int64)
+    try:
+        with netCDF4.Dataset(path) as nc:
+            hours = np.asarray(nc["time"][:], dtype=np.int64)
+    except OSError as e:
+        raise StoreError(f"{path}: shard of the store cannot be read ({e}); rebuild the store") from e
     return (np.datetime64("1970-01-01T00", "h") + hours.astype("timedelta64[h]")).astype("datetime64[ns]")
 
 

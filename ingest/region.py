@@ -80,13 +80,17 @@ class Region:
         """Radius of the trained disc in degrees (5.0 for Memphis)."""
         return self.circle_radius_index * self.resolution
 
-    def in_circle(self, lat: np.ndarray, lon: np.ndarray, tol: float = 1e-9) -> np.ndarray:
-        """Which points (degrees north / east, any shape) lie in the disc the model was trained on:
-        within `radius_degrees` (+ `tol`) of the centre. The one region rule of the service and the
-        Python API (every circle point is inside; off-grid points inside the disc are accepted too)."""
+    def in_circle(self, lat: np.ndarray, lon: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+        """Which points (degrees north / east, any shape) lie in the open disc the model was trained on:
+        strictly closer than `radius_degrees` to the centre, less `tol` degrees so that a point on the edge
+        given with float rounding (e.g. 40.0 as 39.9999999) is outside too. The one region rule of the
+        service and the Python API: on the grid, exactly the `n_points` circle points are inside (index
+        distance < radius), not the points at index distance exactly the radius ((0, 20), (12, 16), ...);
+        off-grid points inside the disc are accepted too. `tol` must stay well below the gap between the
+        disc's edge and its outermost grid point (0.019 degrees for Memphis, index distance sqrt(397))."""
         lat = np.asarray(lat, dtype=np.float64)
         lon = np.asarray(lon, dtype=np.float64)
-        return np.hypot(lon - self.centre_lon, lat - self.centre_lat) <= self.radius_degrees + tol
+        return np.hypot(lon - self.centre_lon, lat - self.centre_lat) < self.radius_degrees - tol
 
     @cached_property
     def circle_lat(self) -> np.ndarray:

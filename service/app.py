@@ -3,8 +3,10 @@
 
 Routes: POST /v1/extrapolate, POST /v1/log-likelihood, GET /v1/models[/{version}], POST /v1/admin/reload,
 /livez, /readyz, /metrics. Models load in the lifespan handler (in a thread: /livez answers at once, /readyz
-says 503 until they are loaded and warmed up); with FLOWNP_REGISTRY_POLL_S > 0 a background task there
-also watches the registry and reloads when its CURRENT changes (service.engine.watch_registry).
+says 503 until they are loaded and warmed up, and stays 503 when they fail to load, e.g. a FLOWNP_REGISTRY
+that does not exist or is not a registry); with FLOWNP_REGISTRY_POLL_S set (0: off, else >= 1 s) a
+background task there also watches the registry and reloads when its CURRENT changes
+(service.engine.watch_registry).
 """
 
 from __future__ import annotations

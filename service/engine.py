@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+from flownp.finetune import lineage_n_ctx_min
 from flownp.likelihood import log_likelihood
 from flownp.sampling import sample
 from flownp.solvers import SolverConfig
@@ -64,7 +65,7 @@ class LoadedModel:
     normalizer: Normalizer
     region: Region
     info: dict[str, Any]
-    trained_min_context: int | None = None  # the smallest n_ctx in its training tasks, if the checkpoint says
+    trained_min_context: int | None = None  # the smallest n_ctx over its training lineage, if the checkpoint says
     log_jac: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,7 +77,8 @@ class LoadedModel:
 
     def min_context(self, settings: Settings) -> int:
         """Fewest context points a request may send: the setting, raised to the smallest context the
-        model was trained on (below it the model extrapolates outside its training distribution)."""
+        model was trained on in any stage (pretraining, fine-tuning; `flownp.finetune.lineage_n_ctx_min`):
+        below it the model extrapolates outside its training distribution."""
         return max(settings.min_context, self.trained_min_context or 0)
 
 
@@ -120,8 +122,7 @@ def _build(version: str, ck: dict[str, Any], digest: str, source: str, extra: di
     normalizer = Normalizer.from_dict(ck["normalizer"])
     cfg = ck["model_config"]
     independent = cfg.get("targets") == "independent"
-    trained_min = (ck.get("task_config") or {}).get("n_ctx_min")
-    trained_min = int(trained_min) if isinstance(trained_min, (int, float)) and trained_min > 0 else None
+    trained_min = lineage_n_ctx_min(ck)  # a fine-tune's base may have been trained on smaller contexts
     info = {
         "version": version, "source": source, "sha256": digest, "kind": ck.get("kind"), "step": ck.get("step"),
         "synthetic": bool(extra.pop("synthetic", False)), "model_config": cfg,
@@ -140,12 +141,42 @@ def _build(version: str, ck: dict[str, Any], digest: str, source: str, extra: di
     return LoadedModel(version, model, normalizer, region, info, trained_min)
 
 
-def registry_state(settings: Settings) -> tuple[str | None, list[str], tuple[Any, ...]]:
-    """(current version, versions, marker) of the configured registry. The marker is what a registry watch
-    compares: CURRENT, plus the version list when every version is served."""
+# what a new, empty volume may hold before the first `flownp retrain` writes to it
+_EMPTY_VOLUME_ENTRIES = {"lost+found"}
+
+
+def open_registry(settings: Settings) -> Any:
+    """The configured registry (flownp.registry.Registry), or LoadError when FLOWNP_REGISTRY does not name
+    one: a path that does not exist, is not a directory, or is a directory holding other things but neither
+    `versions/` nor `CURRENT` (a mistyped path must not be served as "nothing promoted yet"). An existing
+    directory that is empty (hidden files such as the registry's `.lock`, and `lost+found`, aside) is a new
+    registry with nothing promoted yet. Messages name no machine paths (they reach API responses)."""
     from flownp.registry import Registry
 
-    reg = Registry(settings.registry)  # type: ignore[arg-type]
+    root = Path(settings.registry)  # type: ignore[arg-type]
+    if not root.exists():
+        raise LoadError("registry (FLOWNP_REGISTRY): the path does not exist; create the registry directory "
+                        "(an empty one is a registry with nothing promoted yet) or fix the setting")
+    if not root.is_dir():
+        raise LoadError("registry (FLOWNP_REGISTRY): the path is not a directory")
+    reg = Registry(root)
+    if not (reg.versions_dir.is_dir() or (root / "CURRENT").is_file()):
+        try:
+            other = sorted(p.name for p in root.iterdir()
+                           if not p.name.startswith(".") and p.name not in _EMPTY_VOLUME_ENTRIES)
+        except OSError as exc:
+            raise LoadError(f"registry (FLOWNP_REGISTRY): cannot list the directory ({exc.strerror})") from None
+        if other:
+            raise LoadError(f"registry (FLOWNP_REGISTRY): not a model registry (no versions/ or CURRENT, but "
+                            f"{len(other)} other entr{'y' if len(other) == 1 else 'ies'}, e.g. {other[0]!r})")
+    return reg
+
+
+def registry_state(settings: Settings, reg: Any = None) -> tuple[str | None, list[str], tuple[Any, ...]]:
+    """(current version, versions, marker) of the configured registry (LoadError when there is none, see
+    `open_registry`). The marker is what a registry watch compares: CURRENT, plus the version list when
+    every version is served. `reg`: the registry already opened (`open_registry`)."""
+    reg = reg if reg is not None else open_registry(settings)
     current = reg.current()
     versions = reg.versions()
     return current, versions, ((current, tuple(versions)) if settings.registry_all else (current,))
@@ -159,15 +190,14 @@ def load_models(settings: Settings) -> dict[str, LoadedModel]:
 
 def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any, ...] | None]:
     """load_models, and the registry marker (registry_state) the models were read under (None: no registry).
-    A registry with nothing promoted yet is not an error: the checkpoint, else the embedded default, is
-    served until a version is promoted (then a reload, by hand or by the registry watch, picks it up)."""
+    An existing registry with nothing promoted yet is not an error: the checkpoint, else the embedded
+    default, is served until a version is promoted (then a reload, by hand or by the registry watch, picks
+    it up). A registry path that is missing or is not a registry is a LoadError (`open_registry`)."""
     out: dict[str, LoadedModel] = {}
     marker = None
     if settings.registry is not None:
-        from flownp.registry import Registry
-
-        reg = Registry(settings.registry)
-        current, versions, marker = registry_state(settings)
+        reg = open_registry(settings)
+        current, versions, marker = registry_state(settings, reg)
         names = versions if settings.registry_all else [v for v in [current] if v is not None]
         if not names:
             log.warning("registry: no promoted version yet; serving the %s until one is promoted",
@@ -437,22 +467,35 @@ class Engine:
 async def watch_registry(engine: Engine, interval_s: float, after: "asyncio.Future[Any] | None" = None) -> None:
     """The registry watch (FLOWNP_REGISTRY_POLL_S): every `interval_s` seconds read the registry's CURRENT and,
     when it differs from what is served, reload through `Engine.reload` (the path of POST /v1/admin/reload).
-    A failed reload keeps the served models, is logged, and is retried with backoff (doubling, at most
-    max(interval, 10 min)). Starts after `after` (the first load). Runs until cancelled."""
+    A failed registry read or reload keeps the served models, is logged (as what failed), and is retried
+    with backoff (doubling, at most max(interval, 10 min)). Starts after `after` (the first load). Runs
+    until cancelled (CancelledError, a BaseException, passes through the handlers below)."""
     if after is not None:
         await asyncio.wait([after])
     failures = 0
+
+    def why(exc: Exception) -> str:
+        return str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
+
     while True:
         await asyncio.sleep(min(interval_s * 2 ** min(failures, 16), max(interval_s, 600.0)))
         try:
-            if not await asyncio.to_thread(engine.registry_changed):
-                failures = 0
-                continue
-            out = await asyncio.to_thread(engine.reload)
+            changed = await asyncio.to_thread(engine.registry_changed)
+        except Exception as exc:  # the registry could not be read (unmounted, dangling CURRENT, I/O error)
+            failures += 1
+            log.error("registry watch: registry read failed (%d in a row), still serving %s: %s", failures,
+                      engine.served.default, why(exc))
+            continue
+        if not changed:
             failures = 0
-            log.info("registry watch: the registry changed; serving %s (was %s)", out["default"],
-                     out["previous_default"])
-        except Exception as exc:  # keep serving what we have; CancelledError (a BaseException) ends the watch
+            continue
+        try:
+            out = await asyncio.to_thread(engine.reload)
+        except Exception as exc:  # keep serving what we have
             failures += 1
             log.error("registry watch: reload failed (%d in a row), still serving %s: %s", failures,
-                      engine.served.default, exc if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}")
+                      engine.served.default, why(exc))
+            continue
+        failures = 0
+        log.info("registry watch: the registry changed; serving %s (was %s)", out["default"],
+                 out["previous_default"])

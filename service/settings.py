@@ -2,17 +2,21 @@
 FLOWNP_CHECKPOINT=/models/best.pt FLOWNP_CHECKPOINT_SHA256=<hex> FLOWNP_API_KEYS_FILE=/run/secrets/keys.
 
 Models: a checkpoint (its sha256 given here or in a sidecar `<checkpoint>.sha256`), and/or a registry
-(flownp.registry: sha256 from each version's manifest). Neither, or a registry with nothing promoted yet:
-the embedded synthetic default model.
+(flownp.registry: sha256 from each version's manifest). Neither, or an existing registry with nothing
+promoted yet: the embedded synthetic default model (a registry path that does not exist or is not a
+registry is a load error, /readyz 503).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_REGISTRY_POLL_S = 1.0  # the shortest registry watch interval (0 turns the watch off)
 
 
 class Settings(BaseSettings):
@@ -27,9 +31,10 @@ class Settings(BaseSettings):
     registry: Path | None = Field(None, description="A model registry (flownp registry) to serve from.")
     registry_all: bool = Field(False, description="Serve every registry version, not only the current one.")
     default_version: str | None = Field(None, description="Version used when a request names none.")
-    registry_poll_s: float = Field(0.0, ge=0.0, description="Watch the registry: every this many seconds read "
-                                   "its CURRENT and reload when it changed (0: off; POST /v1/admin/reload "
-                                   "reaches one process only, so set it with several replicas).")
+    registry_poll_s: float = Field(0.0, description="Watch the registry: every this many seconds (0: off, else "
+                                   f">= {MIN_REGISTRY_POLL_S:g}) read its CURRENT and reload when it changed "
+                                   "(POST /v1/admin/reload reaches one process only, so set it with several "
+                                   "replicas).")
 
     # ---- security ------------------------------------------------------------------------------
     api_keys: list[SecretStr] = Field(default_factory=list, description="API keys; empty with no file: auth off.")
@@ -50,6 +55,15 @@ class Settings(BaseSettings):
     max_queue: int = 8               # requests waiting for a worker; beyond: 503 with Retry-After
     torch_threads: int | None = None
     warmup: bool = True
+
+    @field_validator("registry_poll_s")
+    @classmethod
+    def _poll_interval(cls, v: float) -> float:
+        """0 (off) or at least MIN_REGISTRY_POLL_S: a tiny interval would busy-poll the registry's volume."""
+        if v != 0 and not (MIN_REGISTRY_POLL_S <= v < math.inf):  # also refuses NaN, inf and negatives
+            raise ValueError(f"FLOWNP_REGISTRY_POLL_S must be 0 (no registry watch) or at least "
+                             f"{MIN_REGISTRY_POLL_S:g} seconds, got {v!r}")
+        return v
 
     def key_hashes(self) -> list[bytes]:
         """sha256 digests of the configured keys (plain keys are hashed here, never kept or compared)."""

@@ -13,7 +13,7 @@ from ingest.region import MEMPHIS as R
 from service import convert
 from service.errors import ApiError
 from service.settings import Settings
-from tests.test_service_common import running, small_request
+from tests.test_service_common import running, small_request, values
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,28 @@ def test_same_request_and_seed_give_the_services_samples(ex):
         j = client.post("/v1/extrapolate", json=body).json()
     for n in ("sp", "t2m", "u10", "v10"):
         np.testing.assert_allclose(out[n].values, j["samples"][n], rtol=1e-6)
+
+
+
+def with_values(ds: xr.Dataset) -> xr.Dataset:
+    v = values(ds["latitude"].values, ds["longitude"].values)
+    return ds.assign({n: ("point", np.asarray(x)) for n, x in v.items()})
+
+
+def test_a_context_below_the_trained_minimum_is_refused_like_the_service(ex):
+    assert ex.min_context == 50  # the default's n_ctx 50-1000, the service's trained_min_context
+    with running(Settings(warmup=False)) as client:
+        answers = {n: client.post("/v1/extrapolate", json=small_request(n_ctx=n)) for n in (49, 50)}
+    for n_ctx, ok in ((49, False), (50, True)):
+        body, r = small_request(n_ctx=n_ctx), answers[n_ctx]
+        c, t = body["context"], body["targets"]
+        ctx, tg = with_values(points(c["latitude"], c["longitude"])), points(t["latitude"], t["longitude"])
+        if ok:
+            assert r.status_code == 200
+            ex.extrapolate(ctx, tg, num_samples=1, solver="euler:1", with_log_likelihood=False)
+            continue
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_few"
+        with pytest.raises(ValueError, match="context has 49 point.*at least 50"):
+            ex.extrapolate(ctx, tg, num_samples=1, solver="euler:1", with_log_likelihood=False)
+        with pytest.raises(ValueError, match="at least 50"):
+            ex.log_likelihood(ctx, with_values(tg), solver="euler:1")

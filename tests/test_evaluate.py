@@ -60,14 +60,22 @@ def test_cli_pretrain_then_evaluate_json(tiny_store, tmp_path):
                          "--n-layers", "1", "--warmup", "1", "--ckpt-every", "2", "--quiet"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.strip().splitlines()[-1])["step"] == 4
+    # a frozen set of 4 tasks with 60 targets each (the whole rest of the circle would make the oracle's
+    # 4,800-dimensional posterior the cost of this test)
+    from ingest.cli import app as ingest_app
+
+    r = run.invoke(ingest_app, ["eval-set", str(tiny_store), "--out", str(tmp_path / "es"), "--split", "test",
+                                "--n-tasks", "4", "--n-ctx", "40-50", "--n-tgt", "60", "--seed", "0"])
+    assert r.exit_code == 0, r.output
     args = ["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tiny_store),
-            "--n-tasks", "4", "--n-ctx", "40-50", "--batch-size", "2", "--samples", "4",
+            "--eval-set", str(tmp_path / "es"), "--batch-size", "2", "--samples", "4",
             "--ll-solver", "midpoint:4", "--baseline", "idw", "--plot", str(tmp_path / "task.png"), "--quiet"]
     r = run.invoke(app, args + ["--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)
     assert {"flownp", "oracle", "idw", "gap_to_oracle", "eval_set"} <= set(res)
     assert res["flownp"]["n_tasks"] == 4 and math.isfinite(res["flownp"]["tar_ll"])
+    assert res["eval_set"]["n_tgt"] == 60 and res["eval_set"]["seed"] == 0  # the numbers name their set
     assert res["gap_to_oracle"] == pytest.approx(res["oracle"]["tar_ll"] - res["flownp"]["tar_ll"])
     assert set(res["flownp"]["rmse"]) == {"sp", "t2m", "u10", "v10"}
     assert (tmp_path / "task.png").stat().st_size > 10_000

@@ -173,3 +173,32 @@ def test_bad_settings_are_refused(kw, match):
 def test_finetune_config_round_trips():
     ft = FinetuneConfig(mode="gav", coupling="random", k_steps=8, learn_sigma=True, gav={"kind": "contracting"})
     assert FinetuneConfig.from_dict(json.loads(json.dumps(ft.to_dict()))) == ft
+
+
+def test_checkpoints_record_the_smallest_context_over_the_lineage(tiny_store, base_ckpt, tmp_path):
+    """Fine-tuned on larger contexts than its base (60): the model was still trained on 60-point contexts,
+    and the service and the Python API accept them (the last stage's task_config alone would say 200)."""
+    import hashlib
+
+    from flownp.api import Extrapolator
+    from flownp.finetune import lineage_n_ctx_min
+    from service.engine import load_models
+    from service.settings import Settings
+
+    store, ft = Store.open(tiny_store), FinetuneConfig(k_steps=2, inversion_steps=2)
+    FineTuner(store, tmp_path / "ft1", base_ckpt, ft, tcfg(steps=1, ckpt_every=1, n_ctx_min=200,
+                                                           n_ctx_max=220)).run(progress=False)
+    ck1 = load_checkpoint(tmp_path / "ft1" / "last.pt")
+    assert ck1["task_config"]["n_ctx_min"] == 200 and ck1["base_checkpoint"]["n_ctx_min"] == 60
+    assert ck1["trained_n_ctx_min"] == 60 == lineage_n_ctx_min(ck1)
+    # a fine-tune of the fine-tune: its base's record carries the pretraining's minimum along
+    FineTuner(store, tmp_path / "ft2", tmp_path / "ft1" / "last.pt", ft,
+              tcfg(steps=1, ckpt_every=1, n_ctx_min=300, n_ctx_max=300)).run(progress=False)
+    path = tmp_path / "ft2" / "last.pt"
+    ck2 = load_checkpoint(path)
+    assert (ck2["task_config"]["n_ctx_min"], ck2["base_checkpoint"]["n_ctx_min"], ck2["trained_n_ctx_min"]) == \
+        (300, 60, 60)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    (lm,) = load_models(Settings(checkpoint=path, checkpoint_sha256=sha)).values()
+    assert lm.trained_min_context == 60 and lm.min_context(Settings()) == 60
+    assert Extrapolator.from_checkpoint(path).min_context == 60

@@ -67,12 +67,23 @@ def test_in_circle_is_the_trained_disc_not_the_square():
     r = MEMPHIS
     assert r.radius_degrees == 5.0
     assert r.in_circle(r.circle_lat, r.circle_lon).all()  # every trained point
-    assert r.in_circle(35.0, -91.0) and r.in_circle(40.0, -91.0)  # centre; on the edge (within tol)
+    assert r.in_circle(35.0, -91.0) and r.in_circle(35.0 + 4.99, -91.0)  # centre; just inside the edge
+    assert not r.in_circle(40.0, -91.0)  # on the edge (index distance exactly 20): not a trained point
+    assert not r.in_circle(40.0 - 1e-9, -91.0) and not r.in_circle(35.0, -91.0 + 5.0 - 1e-8)  # edge, rounded
     assert not r.in_circle(39.9, -95.9)  # in the square bounding box, outside the disc
-    assert not r.in_circle(35.0, -91.0 + 5.0 + 1e-6) and r.in_circle(35.0, -91.0 + 5.0 + 1e-6, tol=1e-5)
+    assert not r.in_circle(35.0, -91.0 + 5.0 + 1e-6)
     assert not r.in_circle(-91.0, 35.0) and not r.in_circle(np.nan, -91.0)  # swapped; NaN
-    grid = r.in_circle(r.lats[:, None], r.lons[None, :])
+
+
+def test_in_circle_accepts_exactly_the_1245_circle_grid_points():
+    r = MEMPHIS
+    grid = r.in_circle(r.lats[:, None], r.lons[None, :])  # every point of the 41 x 41 grid
+    assert grid.shape == (41, 41) and int(grid.sum()) == 1245 == r.n_points
+    assert np.array_equal(grid, r.circle_mask)
     i = np.arange(41) - 20
     on_edge = i[:, None] ** 2 + i[None, :] ** 2 == 400  # index distance exactly 20: (0, 20), (12, 16), ...
-    assert grid.shape == (41, 41) and np.array_equal(grid, r.circle_mask | on_edge)
-    assert int(on_edge.sum()) == 12 and int(grid.sum()) == r.n_points + 12
+    assert int(on_edge.sum()) == 12 and not grid[on_edge].any()
+    lat, lon = np.broadcast_arrays(r.lats[:, None], r.lons[None, :])
+    assert not r.in_circle(lat[on_edge], lon[on_edge]).any()  # the 12 boundary points, one by one
+    # every grid point inside is a circle point index p, in the circle's row-major order
+    assert np.array_equal(r.point_index(lon[grid], lat[grid]), np.arange(r.n_points))

@@ -71,6 +71,8 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("context outside region", "/v1/extrapolate", mutate("context.latitude.0", 45.0), {}, 422, "out_of_region"),
     ("target in the square corner, off the disc", "/v1/extrapolate", mutate("targets.latitude.0", 39.9,
      mutate("targets.longitude.0", -95.9)), {}, 422, "out_of_region"),
+    ("target on the disc's edge (index distance 20, not a circle point)", "/v1/extrapolate",
+     mutate("targets.latitude.0", 40.0, mutate("targets.longitude.0", -91.0)), {}, 422, "out_of_region"),
     ("swapped lat/lon", "/v1/extrapolate", mutate("context.longitude", C["latitude"],
      mutate("context.latitude", C["longitude"])), {}, 422, "swapped_coordinates"),
     ("0..360 longitudes", "/v1/extrapolate", mutate("context.longitude", [x + 360 for x in C["longitude"]]), {}, 422,

@@ -79,7 +79,7 @@ def test_short_training_beats_the_prior(tiny_store, tmp_path):
     assert gain > 0.5, gain
 
 
-def test_resume_on_a_changed_store_warns_with_both_hashes(tiny_store, tmp_path, caplog):
+def test_resume_on_a_changed_store_warns_and_on_a_changed_normaliser_refuses(tiny_store, tmp_path, caplog):
     from flownp.checkpoint import save_checkpoint
 
     store = Store.open(tiny_store)
@@ -101,6 +101,11 @@ def test_resume_on_a_changed_store_warns_with_both_hashes(tiny_store, tmp_path, 
     rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["checkpoint_store_manifest_sha256"] == old
     assert rows[-1]["store_manifest_sha256"] == store.manifest_sha256
+    # a changed normaliser (new train years moved the statistics) is refused: the weights live in its units
+    other = {**ck["normalizer"], "mean": [m + 1.0 for m in ck["normalizer"]["mean"]]}
+    save_checkpoint(tmp_path / "run" / "last.pt", {**ck, "normalizer": other})
+    with pytest.raises(ValueError, match="normaliser changed"):
+        Trainer(store, tmp_path / "run", TINY, cfg(steps=4)).resume(tmp_path / "run" / "last.pt")
 
 
 def test_python_m_flownp_train_is_the_pretrain_command(monkeypatch, tmp_path):

@@ -28,7 +28,7 @@ def _cholesky(a: np.ndarray, max_tries: int = 6) -> tuple[np.ndarray, bool]:
     definite but may have lost it to rounding (a posterior covariance K_tt - V^T V with a tiny noise, or
     repeated context points): jitter of 1e-10, 1e-8, ... times the mean diagonal is added until it
     factors. Raises LinAlgError if even the largest jitter fails."""
-    scale = float(np.mean(np.diag(a))) or 1.0
+    scale = abs(float(np.mean(np.diag(a)))) or 1.0
     for k in range(max_tries):
         jitter = 0.0 if k == 0 else scale * 10.0 ** (-12 + 2 * k)
         try:
@@ -105,4 +105,4 @@ class FittedGPPredictor:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "ll_kind": self.ll_kind, "estimator": "exact Gaussian",
                 "kernel": "squared exponential + noise per variable", "max_fit_points": self.max_fit_points,
-                "fit": "max marginal likelihood, L-BFGS-B from 3 length scales", "cholesky": "jittered if needed"}
+                "fit": "max marginal likelihood, L-BFGS-B from 3 length scales", "cholesky": "jitter up to 1e-2 x mean variance if needed"}
