@@ -237,6 +237,8 @@ def evaluate(
     baseline: Annotated[Optional[list[str]], typer.Option(
         help="Also evaluate: idw, gp, cnp:CKPT, tnpa:CKPT (repeatable).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of one task (truth, mean, std, sample).")] = None,
+    plot_task: Annotated[int, typer.Option(
+        help="Which task --plot draws: its index in the evaluation set (0 to n_tasks - 1).")] = 0,
     context_noise: Annotated[Optional[list[str]], typer.Option(
         help="Also evaluate on corrupted contexts: gaussian:STD or salt-pepper:PROB (normalised units; "
              "repeatable); reports the tar_ll drop and RMSE ratio.")] = None,
@@ -255,6 +257,7 @@ def evaluate(
                                   n_ctx=_range(n_ctx), seed=seed, batch_size=batch_size, n_samples=samples,
                                   ll_solver=ll_solver, sample_solver=sample_solver, n_probes=probes,
                                   baselines=tuple(baseline or ()), plot=str(plot) if plot else None,
+                                  plot_index=plot_task,
                                   progress=not quiet, device=device,
                                   context_noise=tuple(context_noise or ()),
                                   sweep=tuple(int(k) for k in steps_sweep.split(",")) if steps_sweep else ())

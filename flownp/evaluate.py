@@ -180,11 +180,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
                         batch_size: int = 8, n_samples: int = 16, ll_solver: str = "midpoint:100",
                         sample_solver: str = "euler:16", n_probes: int = 1, exact: bool = True,
                         oracle: bool = True, baselines: tuple[str, ...] = (), plot: str | None = None,
-                        progress: bool = True, device: str = "cpu", context_noise: tuple[str, ...] = (),
-                        sweep: tuple[int, ...] = (), sweep_samples: int = 4) -> dict[str, Any]:
+                        plot_index: int = 0, progress: bool = True, device: str = "cpu",
+                        context_noise: tuple[str, ...] = (), sweep: tuple[int, ...] = (),
+                        sweep_samples: int = 4) -> dict[str, Any]:
     """The `flownp evaluate` job: metrics of a checkpoint (and optionally the oracle and baselines) on
     a frozen evaluation set; with `context_noise` the same metrics on corrupted contexts and their drop,
-    with `sweep` the Euler-K sample error against a dopri5 solve. Returns a JSON-serialisable dict."""
+    with `sweep` the Euler-K sample error against a dopri5 solve; with `plot` a PNG of task `plot_index` of
+    the evaluation set (in the set's order). Returns a JSON-serialisable dict."""
     from flownp.checkpoint import load_checkpoint, model_from_checkpoint
     from flownp.robustness import corrupted, parse_noise, robustness_summary, steps_sweep
     from ingest.store import Store
@@ -204,6 +206,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
     else:
         store_note = "same normaliser as the store"
     es, times, _ = eval_tasks(store, split, eval_set=eval_set, n_tasks=n_tasks, n_ctx=n_ctx, seed=seed)
+    if plot_index != 0 and not plot:
+        raise ValueError("--plot-task chooses the task of --plot: give --plot PATH too")
+    if not 0 <= plot_index < len(es):
+        raise ValueError(f"--plot-task {plot_index} is out of range: the evaluation set holds {len(es)} tasks "
+                         f"(indices 0 to {len(es) - 1})")
     _, phys = store.load(split, normalized=False)
     values = normalizer.normalize(phys).astype(np.float32)
     xy = store.region.circle_xy
@@ -242,9 +249,16 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
         result["steps_sweep"] = steps_sweep(model, batches(), normalizer, tuple(sweep), n_samples=sweep_samples,
                                             seed=seed)
     if plot:
-        first = next(iter(batches()))
-        plot_task(model, first, normalizer, store.region, plot, solver=parse_solver(sample_solver), seed=seed)
+        from ingest.tasks import gather_tasks
+
+        i = plot_index  # task i of the set itself (batches() regroups the tasks by context size)
+        one = gather_tasks(values, xy, es.map_index(times)[[i]], es.perm[[i]].astype(np.int64), int(es.n_ctx[i]),
+                           es.meta.get("n_tgt"))
+        when = str(es.times[i].astype("datetime64[s]"))
+        plot_task(model, one, normalizer, store.region, plot, solver=parse_solver(sample_solver), seed=seed,
+                  label=f"task {i} of the evaluation set ({when})")
         result["plot"] = plot
+        result["plot_task"] = {"index": i, "time": when, "n_ctx": int(es.n_ctx[i])}
     return result
 
 
@@ -289,9 +303,9 @@ def synthetic_law(store: Any) -> Any:
 
 
 def plot_task(model: Any, batch: TaskBatch, normalizer: Normalizer, region: Any, path: str, *,
-              solver: SolverConfig, n_samples: int = 16, seed: int = 0) -> None:
+              solver: SolverConfig, n_samples: int = 16, seed: int = 0, label: str = "one task") -> None:
     """PNG: per variable (rows) truth, sample mean, sample std and one sample (columns) on the circle,
-    context locations marked, first task of the batch, physical units."""
+    context locations marked, first task of the batch, physical units; `label` names the task in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,7 +337,7 @@ def plot_task(model: Any, batch: TaskBatch, normalizer: Normalizer, region: Any,
             ax.set_title(f"{NAMES[j]} {title} [{units[j]}]", fontsize=9)
             ax.set_aspect("equal")
             fig.colorbar(sc, ax=ax, shrink=0.8)
-    fig.suptitle(f"one task: {xc.shape[0]} context points (black dots), {xt.shape[0]} targets; "
+    fig.suptitle(f"{label}: {xc.shape[0]} context points (black dots), {xt.shape[0]} targets; "
                  f"{n_samples} samples, {solver.describe()}")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

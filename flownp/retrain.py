@@ -152,6 +152,25 @@ def compare(cand: dict[str, Any], cur: dict[str, Any] | None, *, min_gain: float
             "scoring": {k: c["predictor"].get(k) for k in PAIRED_KEYS}, "promoted": wins}
 
 
+def time_range_per_split(store: Any) -> dict[str, list[str] | None]:
+    """The data window of a store: [first, last] map time (ISO 8601, seconds, UTC as stored) of each split
+    (None for a split without maps), read from the time and split coordinates alone (no map values)."""
+    import numpy as np
+
+    from ingest.build import SPLIT_CODES
+
+    # closed before returning: a store dataset left open while another read of the same shards opens them
+    # (Store.load) crashes the netCDF library
+    with store.dataset() as ds:
+        times = ds["time"].values.astype("datetime64[s]")
+        codes = np.asarray(ds["split"].values)
+    out: dict[str, list[str] | None] = {}
+    for code, name in enumerate(SPLIT_CODES):
+        t = times[codes == code]
+        out[name] = [str(t.min()), str(t.max())] if len(t) else None
+    return out
+
+
 def _done(run: Path, steps: int) -> bool:
     from flownp.checkpoint import load_checkpoint
 
@@ -291,7 +310,8 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
     elif wins:
         data = {"store": job.store, "store_manifest_sha256": store.manifest_sha256,
                 "years_per_split": store.manifest.get("years_per_split"),
-                "maps_per_split": store.manifest.get("maps_per_split")}
+                "maps_per_split": store.manifest.get("maps_per_split"),
+                "time_range_per_split": time_range_per_split(store)}
         state["promoted"] = reg.add(candidate, metrics={GATE_METRIC: cand_metric, "eval": cand["flownp"]}, data=data,
                                     base={"previous_current": current, "model": cand["flownp"]["predictor"]["model"]},
                                     comparison=comparison, promote=True, expect_current=current)

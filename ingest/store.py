@@ -82,12 +82,12 @@ class Store:
         pipeline did (off by default)."""
         if split not in (*SPLITS, "unused", "all"):
             raise ValueError(f"split must be one of {SPLITS + ('unused', 'all')}, got {split!r}")
-        ds = self.dataset()
-        if split != "all":
-            code = SPLIT_CODES.index(split)
-            ds = ds.isel(time=np.flatnonzero(ds["split"].values == code))
-        times = ds["time"].values
-        values = np.asarray(ds["values"].values, dtype=np.float32)
+        with self.dataset() as ds:  # closed when read: no file handles outlive the call
+            if split != "all":
+                code = SPLIT_CODES.index(split)
+                ds = ds.isel(time=np.flatnonzero(ds["split"].values == code))
+            times = ds["time"].values
+            values = np.asarray(ds["values"].values, dtype=np.float32)
         if float16_parity:
             values = quantize_float16(values)
         if normalized:

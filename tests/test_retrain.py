@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from flownp.cli import app
 from flownp.registry import Registry, RegistryError
 from flownp.retrain import EvalSpec, RetrainJob, compare, run_job
+from ingest.store import Store
 from service.settings import Settings
 from tests.test_service_common import running, small_request
 
@@ -168,6 +169,13 @@ def test_a_stop_between_add_and_promote_is_finished_by_the_rerun(store, tmp_path
     m = reg.manifest("v0001")  # the manifest says which metric the gate compared, and its value
     assert m["comparison"]["metric"] == "tar_ll_physical"
     assert m["metrics"]["tar_ll_physical"] == m["comparison"]["candidate"] == m["metrics"]["eval"]["tar_ll_physical"]
+    # the data window: first and last map of each split (the tiny store: days 1-2 of every month, hourly)
+    window = m["data"]["time_range_per_split"]
+    assert window == {"train": ["1986-01-01T00:00:00", "1986-12-02T23:00:00"],
+                      "valid": ["1988-01-01T00:00:00", "1988-12-02T23:00:00"],
+                      "test": ["1989-01-01T00:00:00", "1989-12-02T23:00:00"], "unused": None}
+    times, _ = Store.open(store).load("test", normalized=False)  # the same window by another read
+    assert window["test"] == [str(times.min().astype("datetime64[s]")), str(times.max().astype("datetime64[s]"))]
 
 
 def test_registry_refuses_a_stale_comparison_and_a_dangling_current(tmp_path):
