@@ -31,6 +31,21 @@ def metrics(r: dict) -> dict[str, float]:
     return out
 
 
+def recon_mse(run: Path) -> float | None:
+    """The K-step reconstruction MSE (normalised units) implied by a fine-tuning run's last validation NLL,
+    when sigma is one fixed value: NLL = 0.5 mse / sigma^2 + log sigma + 0.5 log(2 pi) per element."""
+    log = run / "log.jsonl"
+    if not log.exists():
+        return None
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    val = [r["val_loss_ema"] for r in rows if "val_loss_ema" in r]
+    sig = [r["sigma"] for r in rows if "sigma" in r]
+    if not val or not sig or len(set(sig[-1])) != 1 or any(r.get("cfm", 0.0) for r in rows if "cfm" in r):
+        return None
+    s = sig[-1][0]
+    return 2 * s * s * (val[-1] - np.log(s) - 0.5 * np.log(2 * np.pi))
+
+
 def cell(xs: list[float], fmt: str) -> str:
     if not xs:
         return ""
@@ -46,11 +61,16 @@ def main(folder: str) -> None:
         if not m:
             continue
         r = json.loads(p.read_text())
-        rows[(m[1], m[2])].append(metrics(r))
+        row = metrics(r)
+        if m[2] not in ("base", "mle-rand"):  # inversion-coupled runs: a reconstruction of the data itself
+            mse = recon_mse(Path(folder).parent / f"ft-{m[1]}-{m[2]}-s{m[3]}")
+            if mse is not None:
+                row["val_recon_mse"] = mse
+        rows[(m[1], m[2])].append(row)
         oracle[m[1]] = r["oracle"]["tar_ll"]
     cols = [("tar_ll", ".3f"), ("gap", ".2f"), ("rmse_t2m", ".3f"), ("crps_t2m", ".3f"), ("cov90_t2m", ".2f"),
             ("drop_gauss", ".3f"), ("drop_sp", ".3f"), ("euler1_t2m", ".3f"), ("euler4_t2m", ".3f"),
-            ("euler16_t2m", ".4f")]
+            ("euler16_t2m", ".4f"), ("val_recon_mse", ".1e")]
     print("| base | model | seeds | " + " | ".join(c for c, _ in cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for base in sorted({b for b, _ in rows}, key=lambda b: b != "joint"):
