@@ -38,6 +38,11 @@ def _worker(rank: int, world: int, port: int, store: str, out: str, stop_at: int
     from flownp.train import Trainer
     from ingest.store import Store
 
+    import flownp.train as train_mod
+
+    writes: list[str] = []  # every checkpoint this rank wrote
+    real_save = train_mod.save_checkpoint
+    train_mod.save_checkpoint = lambda path, payload: (writes.append(Path(path).name), real_save(path, payload))[1]
     dist = init_from_env("cpu")
     t = Trainer(Store.open(store), out, TINY, TrainConfig(**CFG), dist)
     if resume:
@@ -45,7 +50,7 @@ def _worker(rank: int, world: int, port: int, store: str, out: str, stop_at: int
     t.run(progress=False, stop_at=stop_at)
     first = t.sampler[0].map_index.tolist()
     torch.save({"params": [p.detach().clone() for p in t.model.parameters()], "first_maps": first,
-                "step": t.step}, Path(out).parent / f"{Path(out).name}-rank{rank}.pt")
+                "step": t.step, "writes": writes}, Path(out).parent / f"{Path(out).name}-rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -96,7 +101,8 @@ def test_two_gloo_ranks_stay_in_lockstep_and_resume_exactly(tiny_store, tmp_path
     assert full[0]["first_maps"] != full[1]["first_maps"]  # each rank draws its own tasks
     again = launch(tiny_store, tmp_path / "again")
     assert again[0]["first_maps"] == full[0]["first_maps"]  # ... reproducibly
-    # only rank 0 wrote: one log line per logged step, checkpoints present
+    # only rank 0 wrote: rank 1 saved no checkpoint, one log line per logged step, checkpoints present
+    assert full[1]["writes"] == [] and "last.pt" in full[0]["writes"], (full[0]["writes"], full[1]["writes"])
     rows = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 9))
