@@ -252,7 +252,10 @@ class _Watched:
         return self._m.velocity(*a, **kw)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._m, name)
+        attr = getattr(self._m, name)
+        if name == "base" and hasattr(attr, "velocity"):  # a GAV model's likelihood calls its base directly
+            return _Watched(attr, self._deadline)
+        return attr
 
 
 # ---- the work ------------------------------------------------------------------------------------

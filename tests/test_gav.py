@@ -4,6 +4,7 @@ equal to the Jacobian's trace, equivariance, a near-zero start, and the wrapped 
 likelihood and the sampler unchanged (against closed forms where the flow is linear)."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -298,3 +299,30 @@ def test_bad_gav_settings_are_refused():
     with pytest.raises(ValueError, match="flow time"):
         _gav("schur").residual(torch.zeros(1, TINY.d_model), torch.zeros(1, 2, 2), torch.zeros(1, 2, D),
                                torch.zeros(1, 2, 1))
+
+
+def test_the_service_deadline_reaches_a_gav_models_base_field_in_the_likelihood():
+    """The likelihood of a GAV model evaluates its base field directly (its divergence is estimated, the
+    residual's is exact): the service's deadline wrapper must watch that path too."""
+    from flownp.likelihood import log_likelihood
+    from service.engine import DeadlineExceeded, _Watched
+
+    torch.manual_seed(0)
+    model = GAVFlowNP(FlowNP(TINY), GAVConfig(kind="schur")).eval()
+    xc, yc, xt, yt = torch.rand(1, 6, 2), torch.randn(1, 6, 4), torch.rand(1, 3, 2), torch.randn(1, 3, 4)
+    solver = SolverConfig("euler", 4)
+    fine = log_likelihood(_Watched(model, deadline=time.monotonic() + 60), xc, yc, xt, yt, solver=solver)
+    assert torch.isfinite(fine.joint).all()
+    late = _Watched(model, deadline=time.monotonic() + 60)
+    calls = {"n": 0}
+    base_velocity = model.base.velocity
+
+    def slow_base(*a, **kw):  # the deadline passes after the first base evaluation of the solve
+        calls["n"] += 1
+        if calls["n"] == 2:
+            late._deadline = time.monotonic() - 1
+        return base_velocity(*a, **kw)
+
+    model.base.velocity = slow_base
+    with pytest.raises(DeadlineExceeded):
+        log_likelihood(late, xc, yc, xt, yt, solver=solver)
