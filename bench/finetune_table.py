@@ -1,5 +1,6 @@
 """Summarise the fine-tuning study (bench/finetune_study.sh) as a markdown table: one row per base and
 variant, mean and spread (min..max) over seeds. Run: python bench/finetune_table.py /tmp/study/ft-results
+(or docs/runs/finetune-study, where the results and the runs' logs are kept)
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ def metrics(r: dict) -> dict[str, float]:
     return out
 
 
-def recon_mse(run: Path) -> float | None:
+def recon_mse(log: Path) -> float | None:
     """The K-step reconstruction MSE (normalised units) implied by a fine-tuning run's last validation NLL,
     when sigma is one fixed value: NLL = 0.5 mse / sigma^2 + log sigma + 0.5 log(2 pi) per element."""
-    log = run / "log.jsonl"
     if not log.exists():
         return None
     rows = [json.loads(x) for x in log.read_text().splitlines()]
@@ -63,7 +63,9 @@ def main(folder: str) -> None:
         r = json.loads(p.read_text())
         row = metrics(r)
         if m[2] not in ("base", "mle-rand"):  # inversion-coupled runs: a reconstruction of the data itself
-            mse = recon_mse(Path(folder).parent / f"ft-{m[1]}-{m[2]}-s{m[3]}")
+            run = f"ft-{m[1]}-{m[2]}-s{m[3]}"  # the study's run folder, or its log kept beside the results
+            log = Path(folder).parent / run / "log.jsonl"
+            mse = recon_mse(log if log.exists() else Path(folder) / f"train-{run}.jsonl")
             if mse is not None:
                 row["val_recon_mse"] = mse
         rows[(m[1], m[2])].append(row)
