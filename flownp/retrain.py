@@ -43,6 +43,10 @@ class EvalSpec(_Strict):
         "tar_ll_physical", description="the gate compares tar_ll in physical units: each checkpoint's own "
         "normalised units differ once new files change the normaliser. 'tar_ll' (older configs) reads as this")
     min_gain: float = Field(0.0, description="nats per point the candidate must win by")
+    keep_finetune: Literal["if_better", "always"] = Field(
+        "if_better", description="with both a pretrain and a fine-tune stage, the candidate is the better of "
+        "the two on the gate's metric (fine-tuning does not always raise it: docs/results.md section 4), "
+        "or always the fine-tuned model")
 
     @field_validator("metric", mode="before")
     @classmethod
@@ -252,6 +256,7 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
     if stage("pretrain"):
         return state
 
+    pretrained = candidate
     # 4. fine-tune (the pretrained candidate, or the current model when there is no pretraining)
     if job.finetune:
         f, run = job.finetune, work / "finetune"
@@ -292,13 +297,22 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
         write_json_atomic(out, r)
         return r
 
-    cand = score(candidate, "candidate")
+    # the fine-tuned model competes with the model it was tuned from: fine-tuning is kept only if it helps
+    cands = {"candidate": candidate}
+    if pretrained is not None and candidate != pretrained and e.keep_finetune == "if_better":
+        cands = {"finetuned": candidate, "pretrained": pretrained}
+    scored = {name: score(path, name) for name, path in cands.items()}
+    chosen = max(scored, key=lambda n: float(scored[n]["flownp"][GATE_METRIC]))  # ties keep the fine-tuned
+    candidate, cand = cands[chosen], scored[chosen]
+    state["candidates"] = {n: float(r["flownp"][GATE_METRIC]) for n, r in scored.items()}
+    state["chosen"] = chosen
     cur = score(reg.model_path(current), "current") if current else None
     if stage("evaluate"):
         return state
 
     # 6. promote (atomic; never twice for the same candidate)
-    comparison = compare(cand, cur, min_gain=e.min_gain, current_version=current)
+    comparison = {**compare(cand, cur, min_gain=e.min_gain, current_version=current),
+                  "stage_candidates": state["candidates"], "chosen": state["chosen"]}
     wins, cand_metric = comparison["promoted"], comparison["candidate"]
     state["comparison"] = comparison
     already = [m["version"] for m in reg.list() if m.get("files", {}).get("model.pt") == cand["checkpoint_sha256"]]

@@ -88,8 +88,39 @@ def test_killed_between_finetune_and_promotion_leaves_registry_unchanged(store, 
     assert log.read_text() == before
     assert state["promoted"] == "v0001" and reg.current() == "v0001"
     assert reg.manifest("v0001")["base"]["model"]["d_model"] == 16
+    # the fine-tuned model competed with the model it was tuned from, and the better one was taken
+    scores, chosen = state["candidates"], state["chosen"]
+    assert set(scores) == {"finetuned", "pretrained"} and scores[chosen] == max(scores.values())
+    m = reg.manifest("v0001")
+    assert m["comparison"]["chosen"] == chosen and m["comparison"]["candidate"] == scores[chosen]
+    from ingest.io import sha256_file
+    chosen_file = tmp_path / "work-ft" / ("finetune" if chosen == "finetuned" else "pretrain") / "best.pt"
+    assert m["files"]["model.pt"] == sha256_file(chosen_file)
     again = run_job(job, progress=False)  # a third run promotes nothing new
     assert again["promoted"] == "v0001" and reg.versions() == ["v0001"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", ["if_better", "always"])
+def test_a_fine_tune_that_hurts_is_not_kept_unless_asked(store, tmp_path, keep):
+    # a destructive fine-tune (lr 0.5): the pretrained model must be the candidate, unless told otherwise
+    path = job_file(tmp_path, keep, store, {"steps": 20, "ckpt_every": 20},
+                    {"steps": 2, "batch_size": 2, "k_steps": 2, "inversion_steps": 2, "n_ctx": "60-60", "n_tgt": 16,
+                     "ckpt_every": 2, "lr": 0.5, "warmup": 0})
+    cfg = yaml.safe_load(path.read_text())
+    cfg["evaluate"] = {**cfg["evaluate"], "keep_finetune": keep}
+    path.write_text(yaml.safe_dump(cfg))
+    state = run_job(RetrainJob.from_yaml(path), progress=False)
+    from ingest.io import sha256_file
+
+    m = Registry(tmp_path / "registry").manifest(state["promoted"])
+    if keep == "if_better":
+        assert state["chosen"] == "pretrained", state["candidates"]
+        assert state["candidates"]["pretrained"] > state["candidates"]["finetuned"] + 1.0
+        assert m["files"]["model.pt"] == sha256_file(tmp_path / f"work-{keep}" / "pretrain" / "best.pt")
+    else:
+        assert state["chosen"] == "candidate" and set(state["candidates"]) == {"candidate"}
+        assert m["files"]["model.pt"] == sha256_file(tmp_path / f"work-{keep}" / "finetune" / "best.pt")
 
 
 def test_registry_verifies_files_and_protects_current(tmp_path):
