@@ -9,9 +9,11 @@ the Hutchinson probes.
 
 Why a pool and not a batching queue (bench/load_service.py, 2 shared CPU cores, 1000 context / 245 targets,
 8 samples, 16 steps): one request is already a batch of 8 target sets whose GEMMs keep both cores busy, so
-throughput is flat in concurrency (0.64 req/s at 1, 0.73 at 4, 0.68 at 16 with workers=1; 0.80 at 4 with
-workers=2): merging requests would add queueing delay for no gain on CPU. The web layer costs ~1.5%
-(served / engine latency 1.013). A batching queue becomes worth it on a GPU, where one request leaves it idle.
+throughput is flat in concurrency (1.73 / 1.71 / 1.67 req/s at 1 / 4 / 16 with workers=1 on a quiet
+machine, docs/results.md section 2c): merging requests would add queueing delay for no gain on CPU. The
+web layer costs ~1.6% (served / engine latency 1.016). A batching queue becomes worth it on a GPU, where
+one request leaves it idle. Keep workers x torch threads <= cores: oversubscribed OpenMP threads slowed
+single tests here by up to 50x (4 s -> 219 s) while two trainings shared the 2 cores.
 """
 
 from __future__ import annotations
