@@ -143,6 +143,8 @@ def finetune(
     grad: Annotated[str, typer.Option(help="backprop, checkpoint (less memory) or adjoint (least).")] = "backprop",
     gav_kind: Annotated[str, typer.Option(help="gav: schur (Hurwitz), contracting, or mlp (ablation).")] = "schur",
     train_base: Annotated[bool, typer.Option("--train-base", help="gav: also tune the base model.")] = False,
+    gav_cayley_rank: Annotated[Optional[int], typer.Option(
+        help="gav: low-rank skew factor (rank <= 2r) through Sherman-Morrison-Woodbury; default dense.")] = None,
     steps: Steps = 500,
     batch_size: BatchSize = 8,
     lr: Annotated[float, typer.Option(help="Learning rate after warm-up (constant).")] = 1e-5,
@@ -167,7 +169,7 @@ def finetune(
     def job() -> dict[str, Any]:
         ft = FinetuneConfig(mode=mode, coupling=coupling, k_steps=k_steps, inversion_steps=inversion_steps,
                             sigma=sigma, learn_sigma=learn_sigma, cfm_weight=cfm_weight, grad=grad,
-                            train_base=train_base, gav={"kind": gav_kind} if mode == "gav" else None)
+                            train_base=train_base, gav={"kind": gav_kind, "cayley_rank": gav_cayley_rank} if mode == "gav" else None)
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, schedule="constant",
                            ema_decay=ema_decay, n_ctx_min=lo, n_ctx_max=hi, n_tgt=n_tgt, seed=seed,
                            device=device, bf16=bf16, ckpt_every=ckpt_every)

@@ -34,19 +34,24 @@ class GAVConfig:
     """kind: schur | contracting | mlp; hidden: width of the small conditioning nets; eps: minimum damping
     rate of H (1 / flow time); init_rate: the damping rate at initialisation, where H = -init_rate I and
     m = 0 (the mlp residual starts at exactly 0), so fine-tuning starts from the pretrained field;
-    detach_summary: the context summary carries no gradient into the base's embedding."""
+    detach_summary: the context summary carries no gradient into the base's embedding; cayley_rank: None
+    (a dense skew S in the Cayley factor) or r, S = P Q^T - Q P^T of rank <= 2r applied through
+    Sherman-Morrison-Woodbury (`lowrank_cayley_apply`), the path for states larger than FlowNP's 4 values."""
 
     kind: str = "schur"
     hidden: int = 64
     eps: float = 1e-4
     init_rate: float = 1e-3
     detach_summary: bool = True
+    cayley_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"GAV kind must be one of {KINDS}, got {self.kind!r}")
         if not (self.eps > 0 and self.init_rate > 0 and self.hidden > 0):
             raise ValueError("eps, init_rate and hidden must be > 0")
+        if self.cayley_rank is not None and self.cayley_rank < 1:
+            raise ValueError("cayley_rank must be None or >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,18 +75,33 @@ def cayley(s: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + s, eye - s)
 
 
-def hurwitz_schur(s_raw: torch.Tensor, t_raw: torch.Tensor, a: torch.Tensor, eps: float) -> torch.Tensor:
-    """H = U T U^T: U = cayley(s_raw - s_raw^T), T = strict upper part of t_raw + diag(-(softplus(a) + eps)).
+def orthogonal(s_raw: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """U = cayley(S) (..., d, d) from raw parameters s_raw (..., d, d): S = s_raw - s_raw^T (rank None), or
+    S = P Q^T - Q P^T with P, Q the first r and next r columns of s_raw, applied to I by Sherman-Morrison-
+    Woodbury (rank r, 2r <= d)."""
+    if rank is None:
+        return cayley(skew(s_raw))
+    d = s_raw.shape[-1]
+    if 2 * rank > d:
+        raise ValueError(f"cayley_rank {rank} needs 2 x rank <= the state size {d}")
+    eye = torch.eye(d, dtype=s_raw.dtype, device=s_raw.device).expand_as(s_raw)
+    return lowrank_cayley_apply(s_raw[..., :rank], s_raw[..., rank:2 * rank], eye)
+
+
+def hurwitz_schur(s_raw: torch.Tensor, t_raw: torch.Tensor, a: torch.Tensor, eps: float,
+                  rank: int | None = None) -> torch.Tensor:
+    """H = U T U^T: U = orthogonal(s_raw, rank), T = strict upper part of t_raw + diag(-(softplus(a) + eps)).
     s_raw, t_raw (..., d, d), a (..., d) -> (..., d, d) with eigenvalues -(softplus(a) + eps)."""
-    u = cayley(skew(s_raw))
+    u = orthogonal(s_raw, rank)
     t = torch.triu(t_raw, diagonal=1) + torch.diag_embed(-(F.softplus(a) + eps))
     return u @ t @ u.transpose(-1, -2)
 
 
-def contracting(s_raw: torch.Tensor, d_raw: torch.Tensor, k_raw: torch.Tensor, eps: float) -> torch.Tensor:
-    """H = -U diag(softplus(d_raw) + eps) U^T + (k_raw - k_raw^T), U = cayley(s_raw - s_raw^T):
+def contracting(s_raw: torch.Tensor, d_raw: torch.Tensor, k_raw: torch.Tensor, eps: float,
+                rank: int | None = None) -> torch.Tensor:
+    """H = -U diag(softplus(d_raw) + eps) U^T + (k_raw - k_raw^T), U = orthogonal(s_raw, rank):
     symmetric part -U D U^T <= -eps I. s_raw, k_raw (..., d, d), d_raw (..., d) -> (..., d, d)."""
-    u = cayley(skew(s_raw))
+    u = orthogonal(s_raw, rank)
     return -(u * (F.softplus(d_raw) + eps).unsqueeze(-2)) @ u.transpose(-1, -2) + skew(k_raw)
 
 
@@ -129,6 +149,8 @@ class GAVResidual(nn.Module):
         super().__init__()
         self.cfg, self.y_dim = cfg, y_dim
         dd = y_dim * y_dim
+        if cfg.cayley_rank is not None and 2 * cfg.cayley_rank > y_dim:
+            raise ValueError(f"cayley_rank {cfg.cayley_rank} needs 2 x rank <= the state size {y_dim}")
         if cfg.kind == "mlp":
             self.net = _mlp(d_model + 1 + x_dim + y_dim, cfg.hidden, y_dim)
             return
@@ -155,8 +177,8 @@ class GAVResidual(nn.Module):
             m1, m2, diag = raw[..., :d * d].unflatten(-1, (d, d)), \
                 raw[..., d * d:2 * d * d].unflatten(-1, (d, d)), raw[..., 2 * d * d:]
             if self.cfg.kind == "schur":
-                return hurwitz_schur(m1, m2, diag, self.cfg.eps)
-            return contracting(m1, diag, m2, self.cfg.eps)
+                return hurwitz_schur(m1, m2, diag, self.cfg.eps, self.cfg.cayley_rank)
+            return contracting(m1, diag, m2, self.cfg.eps, self.cfg.cayley_rank)
 
     def centre(self, summary: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """m (B, n, D) for xt (B, n, x_dim) and t (B, k)."""

@@ -113,11 +113,13 @@ def test_checkpoint_records_base_and_resumes_exactly(tiny_store, base_ckpt, tmp_
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in full.model.parameters())
 
 
-@pytest.mark.parametrize("kind", ["schur", "mlp"])
+@pytest.mark.parametrize("kind", ["schur", "mlp", "schur-lowrank"])
 def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt, tmp_path, kind):
     from flownp.gav import GAVFlowNP
 
-    ft = FinetuneConfig(mode="gav", k_steps=2, inversion_steps=4, gav={"kind": kind, "hidden": 8})
+    rank = 1 if kind.endswith("-lowrank") else None
+    kind = kind.removesuffix("-lowrank")
+    ft = FinetuneConfig(mode="gav", k_steps=2, inversion_steps=4, gav={"kind": kind, "hidden": 8, "cayley_rank": rank})
     t = FineTuner(Store.open(tiny_store), tmp_path, base_ckpt, ft, tcfg(steps=4, ckpt_every=4))
     before = {k: v.clone() for k, v in t.model.residual.state_dict().items()}
     t.run(progress=False)
@@ -126,7 +128,7 @@ def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt
         assert torch.equal(a, b)  # the base stayed frozen
     assert any(not torch.equal(before[k], v) for k, v in t.model.residual.state_dict().items())
     ck = load_checkpoint(tmp_path / "last.pt")
-    assert ck["gav_config"]["kind"] == kind
+    assert ck["gav_config"]["kind"] == kind and ck["gav_config"]["cayley_rank"] == rank
     m = model_from_checkpoint(ck, ema=False)
     assert isinstance(m, GAVFlowNP)
     for a, b in zip(m.parameters(), t.model.parameters()):

@@ -326,3 +326,34 @@ def test_the_service_deadline_reaches_a_gav_models_base_field_in_the_likelihood(
     model.base.velocity = slow_base
     with pytest.raises(DeadlineExceeded):
         log_likelihood(late, xc, yc, xt, yt, solver=solver)
+
+
+@pytest.mark.parametrize("kind", ["schur", "contracting"])
+def test_low_rank_cayley_option_keeps_h_structured_and_equals_the_dense_path_on_its_skew_matrix(kind):
+    """cayley_rank=1: S = p q^T - q p^T from the raw parameters, U through Sherman-Morrison-Woodbury. U is
+    orthogonal, H keeps its guarantee (Hurwitz / negative definite symmetric part), and the matrix equals
+    the dense construction fed the same rank-2 skew S; the option round-trips and a bad rank is refused."""
+    from flownp.gav import GAVResidual, orthogonal
+
+    g = torch.Generator().manual_seed(3)
+    raw = torch.randn(6, D, D, generator=g, dtype=F64)
+    u = orthogonal(raw, rank=1)
+    eye = torch.eye(D, dtype=F64).expand(6, D, D)
+    torch.testing.assert_close(u @ u.transpose(-1, -2), eye)
+    p, q = raw[..., :1], raw[..., 1:2]
+    s = p @ q.transpose(-1, -2) - q @ p.transpose(-1, -2)
+    torch.testing.assert_close(u, cayley(s))
+    assert not torch.allclose(u, orthogonal(raw))  # not the dense path on the full raw matrix
+    cfg = GAVConfig(kind=kind, hidden=16, cayley_rank=1)
+    assert GAVConfig.from_dict(cfg.to_dict()) == cfg
+    r = GAVResidual(cfg, d_model=6).double()
+    for prm in r.parameters():  # away from the initialisation, where H = -init_rate I
+        prm.data.normal_(0, 0.5, generator=g)
+    h = r.matrix(torch.randn(3, 6, generator=g, dtype=F64), torch.rand(3, 1, generator=g, dtype=F64))
+    assert (torch.linalg.eigvals(h).real < 0).all()
+    if kind == "contracting":
+        assert (torch.linalg.eigvalsh(0.5 * (h + h.transpose(-1, -2))) < 0).all()
+    with pytest.raises(ValueError, match="cayley_rank"):
+        GAVResidual(GAVConfig(kind=kind, cayley_rank=3), d_model=6)
+    with pytest.raises(ValueError, match="cayley_rank"):
+        GAVConfig(cayley_rank=0)
