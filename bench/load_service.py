@@ -59,21 +59,23 @@ async def level(url: str, payload: bytes, n: int, conc: int, max_s: float) -> di
 
     async def worker(client: httpx.AsyncClient) -> None:
         """Sends requests until n have been issued; a 503 is counted, then the same request is retried
-        after Retry-After (its latency runs from the first try)."""
+        after Retry-After with the server's X-Retry-Ticket (its latency runs from the first try)."""
         nonlocal issued
         while issued < n and time.perf_counter() < t_end:
             issued += 1
             t0 = time.perf_counter()
+            headers = {"content-type": "application/json"}
             while time.perf_counter() < t_end:
                 try:
-                    r = await client.post("/v1/extrapolate", content=payload,
-                                          headers={"content-type": "application/json"})
+                    r = await client.post("/v1/extrapolate", content=payload, headers=headers)
                     code = r.status_code
                 except httpx.HTTPError:
                     code = -1
                 status[code] = status.get(code, 0) + 1
                 if code != 503:
                     break
+                if "x-retry-ticket" in r.headers:
+                    headers = {**headers, "x-retry-ticket": r.headers["x-retry-ticket"]}
                 await asyncio.sleep(float(r.headers.get("retry-after", 1)))
             if code == 200:
                 lat.append(time.perf_counter() - t0)

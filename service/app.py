@@ -188,7 +188,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         solver, ll_solver = SolverConfig(req.solver, req.steps), SolverConfig(opts.solver, opts.steps)
         out, timing = await engine.submit("extrapolate", lambda deadline: run_extrapolate(
             lm, task, num_samples=req.num_samples, solver=solver, seed=seed, with_ll=with_ll, ll_solver=ll_solver,
-            estimator=estimator, n_probes=opts.n_probes, deadline=deadline), req.timeout_s)
+            estimator=estimator, n_probes=opts.n_probes, deadline=deadline), req.timeout_s,
+            request.headers.get("x-retry-ticket"))
         metrics.nfe.labels(lm.version, "sample").inc(out["nfe"])
         if "ll" in out:
             metrics.nfe.labels(lm.version, "log_likelihood").inc(out["ll"]["nfe"])
@@ -233,7 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         solver = SolverConfig(req.solver, req.steps)
         res, timing = await engine.submit("log_likelihood", lambda deadline: run_log_likelihood(
             lm, task, solver=solver, estimator=estimator, n_probes=req.n_probes, seed=req.seed,
-            deadline=deadline), req.timeout_s)
+            deadline=deadline), req.timeout_s, request.headers.get("x-retry-ticket"))
         metrics.nfe.labels(lm.version, "log_likelihood").inc(res["nfe"])
         metrics.points.labels(lm.version, "log_likelihood").inc(res["n_targets"])
         n = res["n_targets"]

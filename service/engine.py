@@ -24,6 +24,8 @@ import io
 import logging
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +349,9 @@ class Engine:
         self.ready = False
         self.load_error: str | None = None
         self._jobs = 0
+        # retry tickets of refused requests, oldest first (ticket -> expiry): a freed slot goes to the oldest
+        # ticket holder, not to whichever request arrives first, so retried clients are served in order
+        self._tickets: OrderedDict[str, float] = OrderedDict()
         self._reload_lock = threading.Lock()  # one (re)load at a time: the admin route and the registry watch
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="flownp-engine")
 
@@ -424,17 +429,38 @@ class Engine:
         return self.served.get(version)
 
     # running
-    async def submit(self, op: str, fn: Callable[[float], Any], timeout_s: float | None) -> tuple[Any, dict[str, float]]:
-        """Run fn(deadline) in a worker. Returns (result, timing {queue_s, engine_s}). 503 when full or
-        not ready, 504 past the deadline."""
+    TICKET_TTL_S = 15.0  # a refused client that does not come back within this loses its place
+
+    def admit(self, ticket: str | None) -> None:
+        """Admission (event-loop thread only): at most workers + max_queue jobs, and the capacity that frees
+        up goes to holders of retry tickets in the order the tickets were issued. A refused request gets
+        503 with Retry-After and `X-Retry-Ticket` (its old ticket, keeping its place, or a new one); sending
+        that header back on the retry claims the place."""
+        s, now = self.settings, time.monotonic()
+        for t, expiry in list(self._tickets.items()):
+            if expiry < now:
+                del self._tickets[t]
+        ahead = list(self._tickets).index(ticket) if ticket in self._tickets else len(self._tickets)
+        if self._jobs + ahead < s.workers + s.max_queue:
+            self._tickets.pop(ticket, None)
+            return
+        if ticket not in self._tickets:
+            ticket = uuid.uuid4().hex
+        self._tickets[ticket] = now + self.TICKET_TTL_S
+        self.metrics.rejected.labels("overloaded").inc()
+        raise ApiError(503, "overloaded", f"all {s.workers} worker(s) busy and {s.max_queue} request(s) "
+                       "queued; retry after Retry-After seconds with the X-Retry-Ticket header to keep your place",
+                       headers={"Retry-After": "1", "X-Retry-Ticket": ticket})
+
+    async def submit(self, op: str, fn: Callable[[float], Any], timeout_s: float | None,
+                     ticket: str | None = None) -> tuple[Any, dict[str, float]]:
+        """Run fn(deadline) in a worker. Returns (result, timing {queue_s, engine_s}). 503 when full (see
+        `admit`) or not ready, 504 past the deadline."""
         if not self.ready:
             raise ApiError(503, "not_ready", "the model is loading or warming up; retry shortly",
                            headers={"Retry-After": "5"})
         s = self.settings
-        if self._jobs >= s.workers + s.max_queue:
-            self.metrics.rejected.labels("overloaded").inc()
-            raise ApiError(503, "overloaded", f"all {s.workers} worker(s) busy and {s.max_queue} request(s) "
-                           "queued; retry later", headers={"Retry-After": "1"})
+        self.admit(ticket)
         timeout = min(timeout_s or s.request_timeout_s, s.request_timeout_s)
         deadline = time.monotonic() + timeout
         t_submit = time.perf_counter()
