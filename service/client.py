@@ -14,6 +14,7 @@ Datasets have one dimension `point` with coordinates `latitude`, `longitude` (de
 from __future__ import annotations
 
 import io
+import time
 from typing import Any, Iterable
 
 import httpx
@@ -44,9 +45,24 @@ def observations(ds: xr.Dataset) -> dict[str, Any]:
 
 class Client:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 120.0, transport: httpx.BaseTransport | None = None) -> None:
+                 timeout: float = 120.0, transport: httpx.BaseTransport | None = None, retries: int = 3) -> None:
+        """`retries`: how often a request refused with 503 (overloaded, or still loading) is sent again after
+        the server's Retry-After, with its X-Retry-Ticket so that it keeps its place in line."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+        self.retries = retries
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST with retries of 503 answers (Retry-After, capped at 30 s; the retry ticket sent back)."""
+        headers: dict[str, str] = {}
+        for attempt in range(self.retries + 1):
+            r = self._http.post(path, json=body, headers=headers)
+            if r.status_code != 503 or attempt == self.retries:
+                return r
+            if "x-retry-ticket" in r.headers:
+                headers = {"X-Retry-Ticket": r.headers["x-retry-ticket"]}
+            time.sleep(min(float(r.headers.get("retry-after", 1)), 30.0))
+        return r
 
     def __enter__(self) -> "Client":
         return self
@@ -84,13 +100,13 @@ class Client:
         (sample) and summaries; options are the request's fields (num_samples, steps, seed, ...)."""
         body = {"context": observations(context), "targets": targets if isinstance(targets, str) else _points(targets),
                 **options, "format": "netcdf"}
-        r = self._check(self._http.post("/v1/extrapolate", json=body))
+        r = self._check(self._post("/v1/extrapolate", body))
         return xr.open_dataset(io.BytesIO(r.content), engine="scipy").load()
 
     def extrapolate_json(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._check(self._http.post("/v1/extrapolate", json=body)).json()
+        return self._check(self._post("/v1/extrapolate", body)).json()
 
     def log_likelihood(self, context: xr.Dataset, observed: xr.Dataset, **options: Any) -> dict[str, Any]:
         """Joint and per-point log-likelihood (nats) of the observed values given the context."""
         body = {"context": observations(context), "targets": observations(observed), **options}
-        return self._check(self._http.post("/v1/log-likelihood", json=body)).json()
+        return self._check(self._post("/v1/log-likelihood", body)).json()

@@ -241,3 +241,27 @@ def test_retry_tickets_expire_so_a_client_that_gave_up_frees_its_place(monkeypat
         assert not engine._tickets
     finally:
         engine.shutdown()
+
+
+def test_python_client_retries_a_refusal_with_its_ticket():
+    import httpx
+
+    from service.client import Client, ServiceError
+
+    seen: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("x-retry-ticket"))
+        if len(seen) < 3:
+            return httpx.Response(503, headers={"Retry-After": "0", "X-Retry-Ticket": "t1"},
+                                  json={"error": {"code": "overloaded", "message": "busy"}})
+        return httpx.Response(200, json={"ok": True})
+
+    with Client("http://test", transport=httpx.MockTransport(answer)) as c:
+        assert c.extrapolate_json({}) == {"ok": True}
+    assert seen == [None, "t1", "t1"]  # the first try has no ticket, every retry sends it back
+    seen.clear()
+    with Client("http://test", transport=httpx.MockTransport(answer), retries=1) as c:
+        with pytest.raises(ServiceError) as e:
+            c.extrapolate_json({})
+    assert e.value.status == 503 and e.value.code == "overloaded" and len(seen) == 2
