@@ -75,8 +75,8 @@ def load_model(checkpoint: str | None, config=None, device: str = "cpu"):
     """A trained model from a checkpoint, or an untrained one of `config` (speed does not depend on
     the weights)."""
     from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-    from flownp.config import ModelConfig
-    from flownp.model import FlowNP
+    from flownp.core.config import ModelConfig
+    from flownp.core.model import FlowNP
 
     if checkpoint:
         return model_from_checkpoint(load_checkpoint(checkpoint)).to(device)

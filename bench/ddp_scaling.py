@@ -43,9 +43,9 @@ def main() -> None:
             store = str(work / "store")
         job = ["pretrain", "--data", store, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--n-ctx", "500-500", "--n-tgt", "245", "--warmup", "5", "--ckpt-every", str(args.steps), "--quiet"]
-        one = tasks_per_s([sys.executable, "-m", "flownp.cli", *job, "--out", str(work / "one")], work / "one")
+        one = tasks_per_s([sys.executable, "-m", "flownp.jobs.cli", *job, "--out", str(work / "one")], work / "one")
         torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-        many = tasks_per_s([torchrun, "--standalone", f"--nproc-per-node={args.nproc}", "-m", "flownp.cli", *job,
+        many = tasks_per_s([torchrun, "--standalone", f"--nproc-per-node={args.nproc}", "-m", "flownp.jobs.cli", *job,
                             "--out", str(work / "many")], work / "many")
         print(json.dumps({"tasks_per_s_1proc": round(one, 2), f"tasks_per_s_{args.nproc}proc": round(many, 2),
                           "speedup": round(many / one, 2), "ideal": args.nproc, "cpu_count": os.cpu_count(),

@@ -19,7 +19,7 @@ export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ -d .whl ] && [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 fi
-ING="python3 -m ingest.cli"; NP="python3 -m flownp.cli"
+ING="python3 -m ingest.cli"; NP="python3 -m flownp.jobs.cli"
 REF="${GPU_MODEL:---arch reference --encoding reference --targets joint} --batch-size 100 --n-ctx 2-1199 --lr 5e-4"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"

@@ -15,9 +15,9 @@ import time
 import torch
 
 from _common import load_model, request
-from flownp.evaluate import parse_solver
-from flownp.config import ModelConfig
-from flownp.likelihood import log_likelihood
+from flownp.jobs.evaluate import parse_solver
+from flownp.core.config import ModelConfig
+from flownp.core.likelihood import log_likelihood
 
 
 def run(model, batch, solver, estimator: str, probes: int = 1, seed: int = 0):
@@ -41,7 +41,7 @@ def main() -> None:
         raise SystemExit("the exact block trace needs a targets='independent' model")
     batch = request(1000, a.n_tgt, seed=1)
     if a.checkpoint:  # a realistic target set: the model's own sample
-        from flownp.sampling import sample
+        from flownp.core.sampling import sample
 
         yt = sample(model, *batch[:3], generator=torch.Generator().manual_seed(1)).samples[:, 0]
         batch = (*batch[:3], yt)

@@ -14,9 +14,9 @@ import statistics
 import torch
 
 from _common import load_model, median, request, timeit
-from flownp.config import ModelConfig
-from flownp.sampling import sample
-from flownp.solvers import SolverConfig
+from flownp.core.config import ModelConfig
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
 
 
 @torch.no_grad()

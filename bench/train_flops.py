@@ -13,9 +13,9 @@ import json
 import torch
 
 from _common import count_flops, matmul_peak, median, request, timeit
-from flownp.config import ModelConfig
-from flownp.model import FlowNP
-from flownp.paths import flow_matching_loss, sample_path
+from flownp.core.config import ModelConfig
+from flownp.core.model import FlowNP
+from flownp.core.paths import flow_matching_loss, sample_path
 
 
 def step_fn(model: FlowNP, opt: torch.optim.Optimizer, batch, gen: torch.Generator):

@@ -10,7 +10,7 @@ Datasets have one dimension `point` with coordinates `latitude`, `longitude` (de
 -180..180) and data variables `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1] (ERA5 units). Points must lie in
 the disc the model was trained on (`Region.in_circle`, the service's rule too), and a context needs at least
 `Extrapolator.min_context` points, the fewest the model was trained on in any stage (the service's
-`too_few` rule, from `flownp.finetune.lineage_n_ctx_min`). Conversion to the model's
+`too_few` rule, from `flownp.jobs.finetune.lineage_n_ctx_min`). Conversion to the model's
 space and the log-Jacobian to ERA5 units are the service's (service.convert, through ingest.variables and the
 checkpoint's normaliser), so both answer the same. Log-likelihoods are in nats for the values in ERA5 units
 (a density over Pa, K, m s-1).
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from flownp.evaluate import parse_solver
-from flownp.finetune import lineage_n_ctx_min
-from flownp.likelihood import log_likelihood
-from flownp.sampling import sample
+from flownp.jobs.evaluate import parse_solver
+from flownp.jobs.finetune import lineage_n_ctx_min
+from flownp.core.likelihood import log_likelihood
+from flownp.core.sampling import sample
 from ingest.normalize import Normalizer
 from ingest.region import Region
 from ingest.variables import BY_NAME, NAMES, era5_to_model

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from flownp import __version__
-from flownp.config import ModelConfig
-from flownp.model import FlowNP
+from flownp.core.config import ModelConfig
+from flownp.core.model import FlowNP
 
 FORMAT = "flownp-weather-checkpoint"
 FORMAT_VERSION = 1
@@ -74,7 +74,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True) -> FlowNP:
     FlowNP, or a FlowNP with a GAV residual when the checkpoint holds a `gav_config`."""
     model: Any = FlowNP(ModelConfig.from_dict(ckpt["model_config"]))
     if ckpt.get("gav_config") is not None:
-        from flownp.gav import GAVConfig, GAVFlowNP
+        from flownp.core.gav import GAVConfig, GAVFlowNP
 
         model = GAVFlowNP(model, GAVConfig.from_dict(ckpt["gav_config"]))
     state = ckpt.get("ema") if ema and ckpt.get("ema") is not None else ckpt["model"]

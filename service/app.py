@@ -28,7 +28,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flownp.solvers import SolverConfig
+from flownp.core.solvers import SolverConfig
 from service import __version__, convert
 from service.engine import (Engine, LoadError, Task, check_context_size, resolve_estimator, run_extrapolate,
                             run_log_likelihood, watch_registry)

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-from flownp.finetune import lineage_n_ctx_min
-from flownp.likelihood import log_likelihood
-from flownp.sampling import sample
-from flownp.solvers import SolverConfig
+from flownp.jobs.finetune import lineage_n_ctx_min
+from flownp.core.likelihood import log_likelihood
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
 from ingest.normalize import Normalizer
 from ingest.region import Region
 from ingest.variables import BY_NAME, NAMES
@@ -81,7 +81,7 @@ class LoadedModel:
 
     def min_context(self, settings: Settings) -> int:
         """Fewest context points a request may send: the setting, raised to the smallest context the
-        model was trained on in any stage (pretraining, fine-tuning; `flownp.finetune.lineage_n_ctx_min`):
+        model was trained on in any stage (pretraining, fine-tuning; `flownp.jobs.finetune.lineage_n_ctx_min`):
         below it the model extrapolates outside its training distribution."""
         return max(settings.min_context, self.trained_min_context or 0)
 
@@ -233,7 +233,7 @@ def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any,
 
 # ---- deadline-aware model view ----------------------------------------------------------------------
 class _Watched:
-    """The model as flownp.sampling / flownp.likelihood see it, checking the deadline at every velocity
+    """The model as flownp.core.sampling / flownp.core.likelihood see it, checking the deadline at every velocity
     evaluation (so a late job stops within one solver step)."""
 
     def __init__(self, model: Any, deadline: float) -> None:
@@ -274,7 +274,7 @@ class Task:
 
 
 def resolve_estimator(lm: LoadedModel, estimator: str, n_tgt: int, settings: Settings) -> str:
-    """'auto' | 'exact' | 'hutchinson' -> what flownp.likelihood will use; exact-full is size-capped."""
+    """'auto' | 'exact' | 'hutchinson' -> what flownp.core.likelihood will use; exact-full is size-capped."""
     if estimator == "hutchinson" or (estimator == "auto" and not lm.independent):
         return "hutchinson"
     if lm.independent:

@@ -13,8 +13,8 @@ import pytest
 import typer
 import yaml
 
-from flownp.cli import app as flownp_app
-from flownp.retrain import RetrainJob
+from flownp.jobs.cli import app as flownp_app
+from flownp.jobs.retrain import RetrainJob
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -74,7 +74,7 @@ def test_training_job_is_elastic_torchrun_that_resumes():
     cmd = c["command"]
     assert cmd[0] == "torchrun" and "--rdzv-backend=c10d" in cmd and any(a.startswith("--nnodes=") for a in cmd)
     assert any(a.startswith("--max-restarts=") for a in cmd)
-    i = cmd.index("flownp.cli")
+    i = cmd.index("flownp.jobs.cli")
     args = [a for a in cmd[i + 1:]]
     assert "--resume" in args
     parses(args)

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from flownp.config import ModelConfig
-from flownp.train import TrainConfig
+from flownp.core.config import ModelConfig
+from flownp.jobs.train import TrainConfig
 
 TINY = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, embed_hidden=16, head_hidden=32)
 CFG = dict(steps=8, batch_size=2, n_ctx_min=30, n_ctx_max=40, n_tgt=10, warmup=2, ckpt_every=4, log_every=1,
@@ -34,11 +34,11 @@ def _worker(rank: int, world: int, port: int, store: str, out: str, stop_at: int
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from flownp.distributed import init_from_env
-    from flownp.train import Trainer
+    from flownp.jobs.distributed import init_from_env
+    from flownp.jobs.train import Trainer
     from ingest.store import Store
 
-    import flownp.train as train_mod
+    import flownp.jobs.train as train_mod
 
     writes: list[str] = []  # every checkpoint this rank wrote
     real_save = train_mod.save_checkpoint
@@ -66,8 +66,8 @@ def _budget_worker(rank: int, world: int, port: int, store: str, out: str, budge
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from flownp.distributed import init_from_env
-    from flownp.train import Trainer
+    from flownp.jobs.distributed import init_from_env
+    from flownp.jobs.train import Trainer
     from ingest.store import Store
 
     # a short timeout: a rank left alone in a collective fails the test instead of hanging it
@@ -122,7 +122,7 @@ def test_torchrun_runs_pretraining_and_finetuning(tiny_store, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--batch-size", "2", "--n-ctx", "30-40", "--n-tgt", "10", "--warmup", "1", "--quiet"]
-    run = lambda *a: subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "flownp.cli", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "flownp.jobs.cli", *a],  # noqa: E731
                                     capture_output=True, text=True, env=env, timeout=300)
     pre = run("pretrain", "--data", str(tiny_store), "--out", str(tmp_path / "pre"), "--steps", "4",
               "--d-model", "16", "--n-layers", "1", "--ckpt-every", "4", *common)

@@ -10,10 +10,10 @@ import torch
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-from flownp.baselines.idw import IDWPredictor
-from flownp.baselines.oracle import OraclePredictor
-from flownp.cli import app
-from flownp.evaluate import crps_from_samples, evaluate_predictor, synthetic_law
+from flownp.jobs.baselines.idw import IDWPredictor
+from flownp.jobs.baselines.oracle import OraclePredictor
+from flownp.jobs.cli import app
+from flownp.jobs.evaluate import crps_from_samples, evaluate_predictor, synthetic_law
 from ingest.store import Store
 from ingest.tasks import TaskConfig, TaskSampler
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-from flownp.config import ModelConfig
-from flownp.finetune import FinetuneConfig, FineTuner, euler_decode, invert
+from flownp.core.config import ModelConfig
+from flownp.jobs.finetune import FinetuneConfig, FineTuner, euler_decode, invert
 from ingest.io import sha256_file
-from flownp.sampling import sample
-from flownp.solvers import SolverConfig
-from flownp.train import TrainConfig, Trainer
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
+from flownp.jobs.train import TrainConfig, Trainer
 from ingest.store import Store
 from ingest.tasks import TaskConfig, TaskSampler
 
@@ -76,7 +76,7 @@ def test_couplings_do_what_they_claim(tiny_store, base_ckpt, tmp_path):
 
 def test_decoder_gradients_agree_across_memory_modes():
     torch.manual_seed(0)
-    m = __import__("flownp.model", fromlist=["FlowNP"]).FlowNP(TINY)
+    m = __import__("flownp.core.model", fromlist=["FlowNP"]).FlowNP(TINY)
     xc, yc, xt = torch.randn(2, 10, 2), torch.randn(2, 10, 4), torch.randn(2, 7, 2)
     z, y1 = torch.randn(2, 7, 4), torch.randn(2, 7, 4)
     grads = {}
@@ -115,7 +115,7 @@ def test_checkpoint_records_base_and_resumes_exactly(tiny_store, base_ckpt, tmp_
 
 @pytest.mark.parametrize("kind", ["schur", "mlp", "schur-lowrank"])
 def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt, tmp_path, kind):
-    from flownp.gav import GAVFlowNP
+    from flownp.core.gav import GAVFlowNP
 
     rank = 1 if kind.endswith("-lowrank") else None
     kind = kind.removesuffix("-lowrank")
@@ -136,7 +136,7 @@ def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt
 
 
 def test_gav_checkpoints_as_bases_and_a_changed_base(tiny_store, base_ckpt, tmp_path):
-    from flownp.gav import GAVFlowNP
+    from flownp.core.gav import GAVFlowNP
 
     store = Store.open(tiny_store)
     gav = FineTuner(store, tmp_path / "gav", base_ckpt, FinetuneConfig(mode="gav", k_steps=2, inversion_steps=2),
@@ -183,7 +183,7 @@ def test_checkpoints_record_the_smallest_context_over_the_lineage(tiny_store, ba
     import hashlib
 
     from flownp.api import Extrapolator
-    from flownp.finetune import lineage_n_ctx_min
+    from flownp.jobs.finetune import lineage_n_ctx_min
     from service.engine import load_models
     from service.settings import Settings
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from flownp.likelihood import log_likelihood_fn
-from flownp.solvers import SolverConfig, solve
+from flownp.core.likelihood import log_likelihood_fn
+from flownp.core.solvers import SolverConfig, solve
 
 
 

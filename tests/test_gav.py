@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flownp.config import ModelConfig
-from flownp.gav import (GAVConfig, GAVFlowNP, GAVResidual, cayley, context_summary, contracting, hurwitz_schur,
+from flownp.core.config import ModelConfig
+from flownp.core.gav import (GAVConfig, GAVFlowNP, GAVResidual, cayley, context_summary, contracting, hurwitz_schur,
                         lowrank_cayley_apply, skew)
-from flownp.likelihood import _divergence, log_likelihood, log_likelihood_fn
-from flownp.model import FlowNP
-from flownp.sampling import sample
-from flownp.solvers import SolverConfig
+from flownp.core.likelihood import _divergence, log_likelihood, log_likelihood_fn
+from flownp.core.model import FlowNP
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
 
 TINY = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, embed_hidden=16, head_hidden=32)
 D = 4
@@ -304,7 +304,7 @@ def test_bad_gav_settings_are_refused():
 def test_the_service_deadline_reaches_a_gav_models_base_field_in_the_likelihood():
     """The likelihood of a GAV model evaluates its base field directly (its divergence is estimated, the
     residual's is exact): the service's deadline wrapper must watch that path too."""
-    from flownp.likelihood import log_likelihood
+    from flownp.core.likelihood import log_likelihood
     from service.engine import DeadlineExceeded, _Watched
 
     torch.manual_seed(0)
@@ -333,7 +333,7 @@ def test_low_rank_cayley_option_keeps_h_structured_and_equals_the_dense_path_on_
     """cayley_rank=1: S = p q^T - q p^T from the raw parameters, U through Sherman-Morrison-Woodbury. U is
     orthogonal, H keeps its guarantee (Hurwitz / negative definite symmetric part), and the matrix equals
     the dense construction fed the same rank-2 skew S; the option round-trips and a bad rank is refused."""
-    from flownp.gav import GAVResidual, orthogonal
+    from flownp.core.gav import GAVResidual, orthogonal
 
     g = torch.Generator().manual_seed(3)
     raw = torch.randn(6, D, D, generator=g, dtype=F64)

@@ -5,10 +5,10 @@ import numpy as np
 from scipy import linalg as sla
 from scipy.stats import multivariate_normal
 
-from flownp.baselines.gp import FittedGPPredictor, _cholesky
-from flownp.baselines.idw import IDWPredictor
-from flownp.baselines.oracle import OraclePredictor
-from flownp.evaluate import evaluate_predictor, synthetic_law
+from flownp.jobs.baselines.gp import FittedGPPredictor, _cholesky
+from flownp.jobs.baselines.idw import IDWPredictor
+from flownp.jobs.baselines.oracle import OraclePredictor
+from flownp.jobs.evaluate import evaluate_predictor, synthetic_law
 from ingest.store import Store
 from ingest.tasks import TaskConfig, TaskSampler
 

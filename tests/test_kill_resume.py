@@ -24,7 +24,7 @@ PART = re.compile(r"\.(last|best)\.pt\.(\d+)\.part")
 
 
 def command(store: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flownp.cli", "pretrain", "--data", str(store), "--out", str(out),
+    return [sys.executable, "-m", "flownp.jobs.cli", "pretrain", "--data", str(store), "--out", str(out),
             "--steps", str(STEPS), "--batch-size", "2", "--n-ctx", "40-60", "--n-tgt", "20", "--d-model", "16",
             "--n-layers", "1", "--warmup", "2", "--ckpt-every", "5", "--seed", "3", "--quiet", *extra]
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from flownp.config import ModelConfig
-from flownp.likelihood import log_likelihood
-from flownp.model import FlowNP, count_parameters
-from flownp.sampling import sample
-from flownp.solvers import SolverConfig
+from flownp.core.config import ModelConfig
+from flownp.core.likelihood import log_likelihood
+from flownp.core.model import FlowNP, count_parameters
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
 
 TINY = dict(d_model=16, n_heads=2, n_layers=2, d_ff=32, embed_hidden=16, head_hidden=32)
 CONFIGS = {
@@ -101,7 +101,7 @@ def test_sampling_shapes_seeds_and_ode_inverse():
     # sampling and likelihood are the same ODE: running the sample back lands on its noise
     y0 = torch.randn(2, 1, 5, 4, generator=g(), dtype=torch.float64)
     fwd = sample(m, xc, yc, xt, y0=y0, solver=SolverConfig("rk4", 64)).samples[:, 0]
-    from flownp.solvers import solve
+    from flownp.core.solvers import solve
     ctx = m.encode_context(xc, yc)
     back = solve(lambda t, s: (m.velocity(ctx, xt, s[0], t),), (fwd,), 1.0, 0.0, SolverConfig("rk4", 64))
     torch.testing.assert_close(back.state[0], y0[:, 0], atol=1e-6, rtol=0)

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from flownp.baselines.neural import NeuralBaselineConfig, NeuralBaselinePredictor, load_baseline, tnpa_mask
-from flownp.evaluate import evaluate_predictor, make_baseline
-from flownp.train import TrainConfig, Trainer
+from flownp.jobs.baselines.neural import NeuralBaselineConfig, NeuralBaselinePredictor, load_baseline, tnpa_mask
+from flownp.jobs.evaluate import evaluate_predictor, make_baseline
+from flownp.jobs.train import TrainConfig, Trainer
 from ingest.store import Store
 from ingest.tasks import TaskBatch, TaskConfig, TaskSampler
 

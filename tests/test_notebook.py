@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from flownp.api import Extrapolator
-from flownp.finetune import FinetuneConfig, FineTuner
-from flownp.train import TrainConfig, Trainer
-from flownp.config import ModelConfig
+from flownp.jobs.finetune import FinetuneConfig, FineTuner
+from flownp.jobs.train import TrainConfig, Trainer
+from flownp.core.config import ModelConfig
 from ingest.store import Store
 from ingest.tasks import make_eval_set, save_eval_set
 from ingest.variables import BY_NAME, NAMES

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import flownp.evaluate as evaluate
-from flownp.cli import app
-from flownp.config import ModelConfig
-from flownp.train import TrainConfig, Trainer
+import flownp.jobs.evaluate as evaluate
+from flownp.jobs.cli import app
+from flownp.core.config import ModelConfig
+from flownp.jobs.train import TrainConfig, Trainer
 from ingest.store import Store
 from ingest.tasks import load_eval_set, make_eval_set, save_eval_set
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flownp.cli import app
+from flownp.jobs.cli import app
 from flownp.registry import Registry, RegistryError
-from flownp.retrain import EvalSpec, RetrainJob, compare, run_job
+from flownp.jobs.retrain import EvalSpec, RetrainJob, compare, run_job
 from ingest.store import Store
 from service.settings import Settings
 from tests.test_service_common import running, small_request

@@ -5,12 +5,12 @@ solve at first order."""
 import pytest
 import torch
 
-from flownp.baselines.oracle import OraclePredictor
-from flownp.config import ModelConfig
-from flownp.evaluate import evaluate_predictor, synthetic_law
-from flownp.model import FlowNP
-from flownp.robustness import SALT, corrupt_context, corrupted, parse_noise, robustness_summary, steps_sweep
-from flownp.solvers import SolverConfig
+from flownp.jobs.baselines.oracle import OraclePredictor
+from flownp.core.config import ModelConfig
+from flownp.jobs.evaluate import evaluate_predictor, synthetic_law
+from flownp.core.model import FlowNP
+from flownp.jobs.robustness import SALT, corrupt_context, corrupted, parse_noise, robustness_summary, steps_sweep
+from flownp.core.solvers import SolverConfig
 from ingest.normalize import Normalizer
 from ingest.store import Store
 from ingest.tasks import TaskBatch, TaskConfig, TaskSampler

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-from flownp.config import ModelConfig
-from flownp.likelihood import log_likelihood
-from flownp.solvers import SolverConfig
-from flownp.train import TrainConfig, Trainer, lr_at
+from flownp.core.config import ModelConfig
+from flownp.core.likelihood import log_likelihood
+from flownp.core.solvers import SolverConfig
+from flownp.jobs.train import TrainConfig, Trainer, lr_at
 from ingest.store import Store
 from ingest.tasks import TaskConfig, TaskSampler
 
@@ -85,14 +85,14 @@ def test_resume_on_a_changed_store_warns_and_on_a_changed_normaliser_refuses(tin
     store = Store.open(tiny_store)
     t = Trainer(store, tmp_path / "run", TINY, cfg(steps=2, ckpt_every=2))
     t.run(progress=False)
-    with caplog.at_level("WARNING", logger="flownp.train"):
+    with caplog.at_level("WARNING", logger="flownp.jobs.train"):
         Trainer(store, tmp_path / "run", TINY, cfg(steps=4)).resume(tmp_path / "run" / "last.pt")
     assert not caplog.records  # same store: resumes silently
     ck = load_checkpoint(tmp_path / "run" / "last.pt")
     old = "0" * 64  # the checkpoint was trained on another store (e.g. before new years were ingested)
     save_checkpoint(tmp_path / "run" / "last.pt", {**ck, "store_manifest_sha256": old})
     resumed = Trainer(store, tmp_path / "run", TINY, cfg(steps=4))
-    with caplog.at_level("WARNING", logger="flownp.train"):
+    with caplog.at_level("WARNING", logger="flownp.jobs.train"):
         resumed.resume(tmp_path / "run" / "last.pt")  # a warning, not a refusal
     assert resumed.step == 2
     [rec] = caplog.records
@@ -108,27 +108,31 @@ def test_resume_on_a_changed_store_warns_and_on_a_changed_normaliser_refuses(tin
         Trainer(store, tmp_path / "run", TINY, cfg(steps=4)).resume(tmp_path / "run" / "last.pt")
 
 
-def test_python_m_flownp_train_is_the_pretrain_command(monkeypatch, tmp_path):
+def test_python_m_cli_pretrain_is_the_pretrain_command(monkeypatch, tmp_path):
+    """`python -m flownp.jobs.cli pretrain` (what torchrun runs) parses the same options as `flownp pretrain`
+    and passes them to pretraining."""
     import os
     import subprocess
     import sys
 
-    import flownp.train as train
+    import typer
+
+    import flownp.jobs.train as train
+    from flownp.jobs.cli import app
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
-    r = subprocess.run([sys.executable, "-m", "flownp.train", "--help"], capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-m", "flownp.jobs.cli", "pretrain", "--help"], capture_output=True,
+                       text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "python -m flownp.train" in r.stdout
     for opt in ("--data", "--out", "--steps", "--max-minutes", "--resume"):
         assert opt in r.stdout, opt
-    # the same argv reaches pretraining as `flownp pretrain ARGV` would pass it
     seen = {}
     monkeypatch.setattr(train, "pretrain", lambda data, out, mcfg, tcfg, **kw: seen.update(
         data=data, out=out, mcfg=mcfg, tcfg=tcfg, **kw) or {})
+    cmd = typer.main.get_command(app).commands["pretrain"]  # type: ignore[attr-defined]
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--steps", "7", "--d-model", "8",
-                    "--max-minutes", "1.5", "--resume", "--quiet"])
+        cmd.main(args=["--data", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--steps", "7", "--d-model", "8",
+                       "--max-minutes", "1.5", "--resume", "--quiet"], prog_name="flownp pretrain")
     assert exit_.value.code in (0, None)
     assert seen["data"] == tmp_path / "s" and seen["out"] == tmp_path / "r" and seen["tcfg"].steps == 7
     assert seen["mcfg"].d_model == 8 and seen["max_minutes"] == 1.5 and seen["resume"] and not seen["progress"]

@@ -19,8 +19,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from flownp.sampling import sample
-from flownp.solvers import SolverConfig
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
 from ingest.normalize import Normalizer
 from ingest.tasks import TaskBatch
 from ingest.variables import NAMES

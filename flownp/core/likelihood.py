@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flownp.solvers import SolverConfig, solve
+from flownp.core.solvers import SolverConfig, solve
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ESTIMATORS = ("exact-blocks", "exact-full", "hutchinson")

@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-from flownp.distributed import init_from_env, rank_device
-from flownp.paths import flow_matching_loss, sample_path
-from flownp.solvers import SolverConfig, solve
-from flownp.train import TrainConfig, Trainer, validation_loss
+from flownp.jobs.distributed import init_from_env, rank_device
+from flownp.core.paths import flow_matching_loss, sample_path
+from flownp.core.solvers import SolverConfig, solve
+from flownp.jobs.train import TrainConfig, Trainer, validation_loss
 from ingest.io import sha256_file
 from ingest.store import Store
 from ingest.tasks import TaskBatch
@@ -139,7 +139,7 @@ def build_finetune_model(base: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     """The model fine-tuning trains: the base itself (mle) or base + GAV residual (gav)."""
     if cfg.mode == "mle":
         return base
-    from flownp.gav import GAVConfig, GAVFlowNP
+    from flownp.core.gav import GAVConfig, GAVFlowNP
 
     return GAVFlowNP(base, GAVConfig.from_dict(cfg.gav or {}), train_base=cfg.train_base)
 
@@ -161,7 +161,7 @@ class FineTuner(Trainer):
         self.normalizer = type(store.normalizer).from_dict(self.base_ckpt["normalizer"])
 
     def build(self, _: Any) -> tuple[nn.Module, Any, str]:
-        from flownp.gav import GAVFlowNP
+        from flownp.core.gav import GAVFlowNP
 
         base = model_from_checkpoint(self.base_ckpt).to(self.cfg.device)
         if isinstance(base, GAVFlowNP):

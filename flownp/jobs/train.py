@@ -4,8 +4,7 @@ Every random draw is a function of (seed, rank, step): the task stream comes fro
 (seed, epoch, batch) and the path noise from a generator seeded with (seed, rank, step), so `--resume`
 continues exactly as an uninterrupted run would. DDP-ready: torchrun's environment is detected, rank 0
 alone logs and writes checkpoints (atomically).
-Run: `flownp pretrain --data STORE --out RUN` or `torchrun --nproc-per-node=N -m flownp.train ...`
-(`python -m flownp.train ARGS` is `flownp pretrain ARGS`).
+Run: `flownp pretrain --data STORE --out RUN` or `torchrun --nproc-per-node=N -m flownp.jobs.cli pretrain ...`.
 """
 
 from __future__ import annotations
@@ -24,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from flownp.checkpoint import load_checkpoint, save_checkpoint
-from flownp.config import ModelConfig
-from flownp.distributed import Dist, init_from_env, rank_device
-from flownp.model import FlowNP
-from flownp.paths import flow_matching_loss, sample_path
+from flownp.core.config import ModelConfig
+from flownp.jobs.distributed import Dist, init_from_env, rank_device
+from flownp.core.model import FlowNP
+from flownp.core.paths import flow_matching_loss, sample_path
 from ingest.store import Store
 from ingest.tasks import TaskBatch, TaskConfig, TaskSampler
 
@@ -99,7 +98,7 @@ def build_model(config: ModelConfig | Any) -> tuple[torch.nn.Module, Objective, 
     neural baseline's config (Gaussian NLL)."""
     if isinstance(config, ModelConfig):
         return FlowNP(config), fm_loss, "pretrain"
-    from flownp.baselines.neural import nll_loss
+    from flownp.jobs.baselines.neural import nll_loss
 
     return config.build(), nll_loss, "baseline"
 
@@ -293,19 +292,3 @@ def pretrain(data: str | Path, out: str | Path, model_cfg: ModelConfig | Any = N
     if resume and (Path(out) / "last.pt").exists():
         trainer.resume(Path(out) / "last.pt")
     return trainer.run(progress, max_minutes=max_minutes)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m flownp.train ARGS` (and `torchrun ... -m flownp.train ARGS`): the `flownp pretrain` command."""
-    import sys
-
-    import typer
-
-    from flownp.cli import app  # the CLI imports this module lazily, inside its commands: no cycle
-
-    cmd = typer.main.get_command(app).commands["pretrain"]  # type: ignore[attr-defined]
-    cmd.main(args=sys.argv[1:] if argv is None else argv, prog_name="python -m flownp.train")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from flownp.solvers import SolverConfig, solve
+from flownp.core.solvers import SolverConfig, solve
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flownp.encoding import Sinusoidal, geometric_freqs
-from flownp.model import CachedBlock, _mlp
+from flownp.core.encoding import Sinusoidal, geometric_freqs
+from flownp.core.model import CachedBlock, _mlp
 from ingest.tasks import TaskBatch
 
 KINDS = ("cnp", "tnpa")
@@ -153,7 +153,7 @@ def nll_loss(net: nn.Module, batch: TaskBatch, gen: torch.Generator | None = Non
 
 
 class NeuralBaselinePredictor:
-    """A trained CNP / TNP-A for `flownp.evaluate.evaluate_predictor`."""
+    """A trained CNP / TNP-A for `flownp.jobs.evaluate.evaluate_predictor`."""
 
     def __init__(self, model: NeuralBaseline, source: str = "") -> None:
         self.model = model.eval()

@@ -77,8 +77,8 @@ def pretrain(
     quiet: Quiet = False,
 ) -> None:
     """Pretrain FlowNP by conditional flow matching on a store's train split."""
-    from flownp.config import ModelConfig
-    from flownp.train import TrainConfig, pretrain as run
+    from flownp.core.config import ModelConfig
+    from flownp.jobs.train import TrainConfig, pretrain as run
 
     lo, hi = _range(n_ctx)
 
@@ -114,8 +114,8 @@ def train_baseline(
     quiet: Quiet = False,
 ) -> None:
     """Train a CNP or TNP-A baseline by maximum likelihood on the same tasks as FlowNP."""
-    from flownp.baselines.neural import NeuralBaselineConfig
-    from flownp.train import TrainConfig, pretrain as run
+    from flownp.jobs.baselines.neural import NeuralBaselineConfig
+    from flownp.jobs.train import TrainConfig, pretrain as run
 
     lo, hi = _range(n_ctx)
 
@@ -161,8 +161,8 @@ def finetune(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune a pretrained FlowNP by maximum likelihood of K-step reconstructions (optionally GAV)."""
-    from flownp.finetune import FinetuneConfig, finetune as run
-    from flownp.train import TrainConfig
+    from flownp.jobs.finetune import FinetuneConfig, finetune as run
+    from flownp.jobs.train import TrainConfig
 
     lo, hi = _range(n_ctx)
 
@@ -180,11 +180,11 @@ def finetune(
 
 @app.command()
 def retrain(
-    config: Annotated[Path, typer.Option("--config", help="Job file (YAML): see flownp.retrain.RetrainJob.")],
+    config: Annotated[Path, typer.Option("--config", help="Job file (YAML): see flownp.jobs.retrain.RetrainJob.")],
     quiet: Quiet = False,
 ) -> None:
     """Ingest -> pretrain/continue -> fine-tune -> evaluate -> promote if better. Rerun to continue."""
-    from flownp.retrain import RetrainJob, run_job
+    from flownp.jobs.retrain import RetrainJob, run_job
 
     def job() -> dict[str, Any]:
         return run_job(RetrainJob.from_yaml(config), progress=not quiet)
@@ -251,7 +251,7 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Evaluate a checkpoint on a frozen evaluation set (and the oracle on synthetic data)."""
-    from flownp.evaluate import evaluate_checkpoint
+    from flownp.jobs.evaluate import evaluate_checkpoint
 
     try:
         res = evaluate_checkpoint(str(checkpoint), str(data), split=split,
@@ -269,7 +269,7 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(res, indent=2))
         return
-    from flownp.evaluate import baseline_key
+    from flownp.jobs.evaluate import baseline_key
 
     for key in ("flownp", "flownp_exact", "oracle", *map(baseline_key, baseline or ())):
         if key in res:

@@ -184,10 +184,10 @@ def _done(run: Path, steps: int) -> bool:
 def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = None) -> dict[str, Any]:
     """Run (or continue) the job; returns its state. `stop_after` (a stage name) ends the job there, as a
     crash would (for tests)."""
-    from flownp.config import ModelConfig
-    from flownp.evaluate import evaluate_checkpoint
-    from flownp.finetune import FinetuneConfig, finetune
-    from flownp.train import TrainConfig, Trainer
+    from flownp.core.config import ModelConfig
+    from flownp.jobs.evaluate import evaluate_checkpoint
+    from flownp.jobs.finetune import FinetuneConfig, finetune
+    from flownp.jobs.train import TrainConfig, Trainer
     from ingest.build import build_store
     from ingest.store import Store
     from ingest.tasks import make_eval_set, save_eval_set

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flownp.config import ModelConfig
-from flownp.encoding import Sinusoidal, geometric_freqs, reference_freqs
+from flownp.core.config import ModelConfig
+from flownp.core.encoding import Sinusoidal, geometric_freqs, reference_freqs
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:

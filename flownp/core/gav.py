@@ -221,7 +221,7 @@ class GAVResidual(nn.Module):
 class GAVContext:
     """The base model's Context and the residual's context summary (B, d_model)."""
 
-    base: Any               # flownp.model.Context
+    base: Any               # flownp.core.model.Context
     summary: torch.Tensor
 
     def repeat(self, n: int) -> "GAVContext":

@@ -16,9 +16,9 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 import torch
 
-from flownp.likelihood import log_likelihood
-from flownp.sampling import sample
-from flownp.solvers import SolverConfig
+from flownp.core.likelihood import log_likelihood
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
 from ingest.normalize import Normalizer
 from ingest.tasks import TaskBatch
 from ingest.variables import NAMES
@@ -188,7 +188,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
     with `sweep` the Euler-K sample error against a dopri5 solve; with `plot` a PNG of task `plot_index` of
     the evaluation set (in the set's order). Returns a JSON-serialisable dict."""
     from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-    from flownp.robustness import corrupted, parse_noise, robustness_summary, steps_sweep
+    from flownp.jobs.robustness import corrupted, parse_noise, robustness_summary, steps_sweep
     from ingest.store import Store
 
     for spec in context_noise:
@@ -230,7 +230,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
         result["flownp_exact"] = evaluate_predictor(ex, batches(), normalizer, n_samples=0, progress=progress)
     gp = synthetic_law(store)
     if oracle and gp is not None:
-        from flownp.baselines.oracle import OraclePredictor
+        from flownp.jobs.baselines.oracle import OraclePredictor
 
         result["oracle"] = evaluate_predictor(OraclePredictor(gp, normalizer), batches(), normalizer,
                                               n_samples=n_samples, seed=seed, progress=progress)
@@ -274,18 +274,18 @@ def make_baseline(spec: str) -> Any:
     if name in ("cnp", "tnpa"):
         if not path:
             raise ValueError(f"baseline {name!r} needs its checkpoint: '{name}:PATH'")
-        from flownp.baselines.neural import load_baseline
+        from flownp.jobs.baselines.neural import load_baseline
 
         pred = load_baseline(path)
         if pred.model.config.kind != name:
             raise ValueError(f"{path} holds a {pred.model.config.kind}, not a {name}")
         return pred
     if name == "idw":
-        from flownp.baselines.idw import IDWPredictor
+        from flownp.jobs.baselines.idw import IDWPredictor
 
         return IDWPredictor()
     if name == "gp":
-        from flownp.baselines.gp import FittedGPPredictor
+        from flownp.jobs.baselines.gp import FittedGPPredictor
 
         return FittedGPPredictor()
     raise ValueError(f"unknown baseline {spec!r}; choose from idw, gp, cnp:CKPT, tnpa:CKPT")
