@@ -21,6 +21,18 @@ class ModelConfig:
               published; the high ones alias in float32); "lowfreq": geometric frequencies from
               pi/4 to pi * 2^(max_log2) for space, and a few low ones for time (a stiff time embedding
               multiplies adaptive-solver steps).
+    standardise: "none" (the store's normalised values as they are: the reference protocol) or "context"
+              (per task and variable, the context's median and robust spread, applied to context and
+              targets; docs/protocol.md §7).
+    base:     "standard" (the flow starts from N(0, I) on the targets) or "gp" (it runs on targets whitened
+              by a per-variable GP posterior fitted on the context, so a zero velocity is that GP).
+    whitening: with base="gp": "symmetric" (Sigma^-1/2, joint, permutation equivariant) or "diagonal"
+              (per-point standard scores).
+    gp_kernels: comma-separated kernel families the GP fit chooses from by marginal likelihood.
+    gp_fit_points: size of the (order-invariant) context subset the GP hyperparameters are fitted on.
+    velocity: "network" (the network is the velocity of the linear path) or "residual" (it is the velocity
+              in the frame u = y / sigma(t), where the path between two N(0, I) laws stands still; its last
+              layer starts at zero, so the untrained model is exactly its base; flownp.core.paths).
     """
 
     arch: str = "cached"
@@ -39,6 +51,13 @@ class ModelConfig:
     embed_hidden: int = 64
     embed_layers: int = 4      # linear layers of the token-embedding MLP
     head_hidden: int = 128
+    standardise: str = "none"
+    base: str = "standard"
+    whitening: str = "symmetric"
+    gp_kernels: str = "matern52,se"
+    gp_fit_points: int = 256
+    standardise_floor: float = 0.05
+    velocity: str = "network"
 
     def __post_init__(self) -> None:
         if self.arch not in ("reference", "cached"):
@@ -49,6 +68,21 @@ class ModelConfig:
             raise ValueError("arch='reference' generates targets jointly; use arch='cached' for independent")
         if self.encoding not in ("reference", "lowfreq"):
             raise ValueError(f"encoding must be 'reference' or 'lowfreq', got {self.encoding!r}")
+        if self.standardise not in ("none", "context"):
+            raise ValueError(f"standardise must be 'none' or 'context', got {self.standardise!r}")
+        if self.base not in ("standard", "gp"):
+            raise ValueError(f"base must be 'standard' or 'gp', got {self.base!r}")
+        if self.whitening not in ("symmetric", "diagonal"):
+            raise ValueError(f"whitening must be 'symmetric' or 'diagonal', got {self.whitening!r}")
+        kinds = [k for k in self.gp_kernels.split(",") if k]
+        if not kinds or any(k not in ("se", "matern52", "matern32") for k in kinds):
+            raise ValueError(f"gp_kernels must list se, matern52 or matern32, got {self.gp_kernels!r}")
+        if self.gp_fit_points < 8:
+            raise ValueError("gp_fit_points must be >= 8")
+        if not self.standardise_floor > 0:
+            raise ValueError("standardise_floor must be > 0")
+        if self.velocity not in ("network", "residual"):
+            raise ValueError(f"velocity must be 'network' or 'residual', got {self.velocity!r}")
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
 

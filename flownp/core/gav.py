@@ -249,6 +249,14 @@ class GAVFlowNP(nn.Module):
     def joint(self) -> bool:
         return self.base.joint
 
+    @property
+    def has_task_transform(self) -> bool:
+        return self.base.has_task_transform
+
+    def task_transform(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor) -> Any:
+        """The base model's per-task transform (the residual acts in the same space as the base flow)."""
+        return self.base.task_transform(xc, yc, xt)
+
     def encode_context(self, xc: torch.Tensor, yc: torch.Tensor) -> GAVContext:
         ctx = self.base.encode_context(xc, yc)
         return GAVContext(ctx, context_summary(ctx, self.gav_config.detach_summary))

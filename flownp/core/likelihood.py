@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flownp.core.sampling import task_transform
 from flownp.core.solvers import SolverConfig, solve
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -127,9 +128,26 @@ def log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Ten
                    solver: SolverConfig = SolverConfig("midpoint", 100), estimator: str = "auto",
                    n_probes: int = 1, probe: str = "rademacher", seed: int = 0,
                    create_graph: bool = False) -> LikelihoodResult:
-    """log p(yt | xt, context) under a FlowNP model; all targets share t, the context stays at t = 1.
-    estimator "auto"/"exact": exact-blocks for targets="independent", else exact-full ("exact") or
-    Hutchinson ("auto")."""
+    """log p(yt | xt, context) under a FlowNP model (nats, normalised units); all targets share t, the
+    context stays at t = 1. estimator "auto"/"exact": exact-blocks for targets="independent", else exact-full
+    ("exact") or Hutchinson ("auto"). A model with a per-task transform (flownp.core.gp_base) is scored in
+    its space, and the transform's exact log-Jacobian is added: the result is still a density of yt."""
+    tr = task_transform(model, xc, yc, xt)
+    if tr is None:
+        return flow_log_likelihood(model, xc, yc, xt, yt, solver=solver, estimator=estimator, n_probes=n_probes,
+                                   probe=probe, seed=seed, create_graph=create_graph)
+    res = flow_log_likelihood(model, xc, tr.context(yc), xt, tr.forward(yt), solver=solver, estimator=estimator,
+                              n_probes=n_probes, probe=probe, seed=seed, create_graph=create_graph)
+    joint = res.joint + tr.log_jacobian().to(res.joint.dtype)
+    return LikelihoodResult(joint, joint / res.n_targets, res.spread, res.estimator, res.n_probes, res.solver,
+                            res.nfe, res.n_targets)
+
+
+def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *,
+                        solver: SolverConfig = SolverConfig("midpoint", 100), estimator: str = "auto",
+                        n_probes: int = 1, probe: str = "rademacher", seed: int = 0,
+                        create_graph: bool = False) -> LikelihoodResult:
+    """log p(yt | xt, context) of the flow alone, on the values it runs on (no per-task transform)."""
     if estimator in ("auto", "exact"):
         if model.config.targets == "independent":
             estimator = "exact-blocks"

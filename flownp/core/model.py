@@ -15,6 +15,7 @@ from torch import nn
 
 from flownp.core.config import ModelConfig
 from flownp.core.encoding import Sinusoidal, geometric_freqs, reference_freqs
+from flownp.core.gp_base import GPFitSettings, TaskTransform, task_transform
 
 
 def _mlp(sizes: list[int]) -> nn.Sequential:
@@ -110,6 +111,9 @@ class FlowNP(nn.Module):
         else:
             self.blocks = nn.ModuleList(CachedBlock(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
         self.head = _mlp([c.d_model, c.head_hidden, c.y_dim])
+        if c.velocity == "residual":  # the untrained model is exactly its base distribution
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     @property
     def joint(self) -> bool:
@@ -142,6 +146,20 @@ class FlowNP(nn.Module):
             for blk, (k, v) in zip(self.blocks, ctx.kv):
                 h = blk.target(h, k, v, self.joint)
         return self.head(h)
+
+    @property
+    def has_task_transform(self) -> bool:
+        return self.config.standardise != "none" or self.config.base != "standard"
+
+    def task_transform(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor) -> TaskTransform | None:
+        """The per-task bijection between normalised targets and the flow's state (None: the identity,
+        the reference protocol). See flownp.core.gp_base."""
+        c = self.config
+        if not self.has_task_transform:
+            return None
+        st = GPFitSettings(kernels=tuple(k for k in c.gp_kernels.split(",") if k), fit_points=c.gp_fit_points)
+        return task_transform(xc, yc, xt, standardise=c.standardise, base=c.base, whitening=c.whitening,
+                              floor=c.standardise_floor, settings=st)
 
     def forward(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
                 t: torch.Tensor | float) -> torch.Tensor:

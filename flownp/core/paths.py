@@ -36,3 +36,21 @@ def sample_path(y1: torch.Tensor, generator: torch.Generator | None = None,
 def flow_matching_loss(v: torch.Tensor, path: PathSample) -> torch.Tensor:
     """Mean squared error over all elements."""
     return (v - path.target).pow(2).mean()
+
+
+def path_scale(t: torch.Tensor) -> torch.Tensor:
+    """sigma(t) = sqrt((1 - t)^2 + t^2): the std of y_t when data and noise are both N(0, I)."""
+    return ((1 - t) ** 2 + t**2).sqrt()
+
+
+def scaled_frame(path: PathSample) -> PathSample:
+    """The same path in the frame u = y / sigma(t) (velocity="residual"; docs/protocol.md §7).
+
+    When the data are N(0, I) the linear path's exact velocity is v = (2t - 1) / sigma^2 y; in the frame u it
+    is zero, and u = y at t = 0 and t = 1. A network w(u, t) = du/dt therefore leaves N(0, I) alone at zero
+    output for any solver (the untrained model is exactly its base), and its divergence in u equals the
+    y-space divergence of sigma * w, so likelihoods need no extra term. Target: du/dt = (v - c y) / sigma,
+    with c = (2t - 1) / sigma^2."""
+    s = path_scale(path.t)[..., None]
+    c = (2 * path.t[..., None] - 1) / s**2
+    return PathSample(path.t, path.yt / s, (path.target - c * path.yt) / s)

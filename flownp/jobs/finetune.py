@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from flownp.checkpoint import load_checkpoint, model_from_checkpoint
 from flownp.jobs.distributed import init_from_env, rank_device
-from flownp.core.paths import flow_matching_loss, sample_path
+from flownp.core.paths import flow_matching_loss
 from flownp.core.solvers import SolverConfig, solve
-from flownp.jobs.train import TrainConfig, Trainer, validation_loss
+from flownp.jobs.train import TrainConfig, Trainer, flow_space, model_path, validation_loss
 from ingest.io import sha256_file
 from ingest.store import Store
 from ingest.tasks import TaskBatch
@@ -130,7 +130,7 @@ class Reconstruction(nn.Module):
         mse = (batch.yt - xhat).pow(2).mean()
         cfm = torch.zeros((), device=z.device)
         if cfg.cfm_weight > 0:
-            path = sample_path(batch.yt, generator=gen)
+            path = model_path(self.model, batch.yt, gen)
             cfm = flow_matching_loss(self.model(batch.xc, batch.yc, batch.xt, path.yt, path.t), path)
         return nll + cfg.cfm_weight * cfm, mse.detach(), cfm.detach()
 
@@ -192,6 +192,7 @@ class FineTuner(Trainer):
         return torch.randn(batch.yt.shape, generator=gen, dtype=batch.yt.dtype).to(batch.yt.device)
 
     def objective_fn(self, net: nn.Module, batch: TaskBatch, gen: torch.Generator, bf16: bool) -> torch.Tensor:
+        batch = flow_space(self.frozen, batch)  # reconstructions are of the flow's own targets
         z = self.coupling(batch, gen)
         with torch.autocast(batch.yt.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, mse, cfm = net(batch, z, gen)

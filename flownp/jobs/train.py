@@ -10,6 +10,7 @@ Run: `flownp pretrain --data STORE --out RUN` or `torchrun --nproc-per-node=N -m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -26,7 +27,8 @@ from flownp.checkpoint import load_checkpoint, save_checkpoint
 from flownp.core.config import ModelConfig
 from flownp.jobs.distributed import Dist, init_from_env, rank_device
 from flownp.core.model import FlowNP
-from flownp.core.paths import flow_matching_loss, sample_path
+from flownp.core.paths import PathSample, flow_matching_loss, sample_path, scaled_frame
+from flownp.core.sampling import task_transform
 from ingest.store import Store
 from ingest.tasks import TaskBatch, TaskConfig, TaskSampler
 
@@ -78,11 +80,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def flow_space(model: torch.nn.Module, batch: TaskBatch) -> TaskBatch:
+    """The batch as the model's flow sees it: with a per-task transform (standardisation, GP base), the
+    standardised context and the transformed targets; otherwise the batch itself."""
+    tr = task_transform(getattr(model, "module", model), batch.xc, batch.yc, batch.xt)
+    if tr is None:
+        return batch
+    return dataclasses.replace(batch, yc=tr.context(batch.yc), yt=tr.forward(batch.yt))
+
+
+def model_path(model: torch.nn.Module, y1: torch.Tensor, gen: torch.Generator) -> PathSample:
+    """A flow-matching path sample for flow-space targets y1, in the frame the model's velocity lives in."""
+    path = sample_path(y1, generator=gen)
+    return scaled_frame(path) if getattr(model, "module", model).config.velocity == "residual" else path
+
+
 def fm_loss(model: torch.nn.Module, batch: TaskBatch, gen: torch.Generator, bf16: bool = False) -> torch.Tensor:
-    """Flow-matching loss of one batch (noise and times from `gen`)."""
-    path = sample_path(batch.yt, generator=gen)
+    """Flow-matching loss of one batch (noise and times from `gen`), in the model's flow space: with a
+    per-task transform the path runs between N(0, I) and the transformed targets, conditioned on the
+    standardised context."""
+    fb = flow_space(model, batch)
+    path = model_path(model, fb.yt, gen)
     with torch.autocast(batch.yt.device.type, dtype=torch.bfloat16, enabled=bf16):
-        v = model(batch.xc, batch.yc, batch.xt, path.yt, path.t)
+        v = model(fb.xc, fb.yc, fb.xt, path.yt, path.t)
     return flow_matching_loss(v.float(), path)
 
 
