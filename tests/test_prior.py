@@ -266,5 +266,6 @@ def test_cli_round_trip_build_and_prior_oracle(tmp_path) -> None:
     wrong = PriorOraclePredictor.from_law(store.manifest["synthetic"], np.roll(st_times, 1), store.normalizer)
     w = np.concatenate([wrong.log_likelihood(b).numpy() for b in batches])
     assert o.mean() > w.mean() + 100.0, (o.mean(), w.mean())
+    print(f"prior oracle {o.mean():.1f}, IDW {idw.mean():.1f}, wrong map's law {w.mean():.1f} nats per task (80 targets)")
     s = oracle.sample(batches[0], 3, __import__("torch").Generator().manual_seed(0))
     assert s.shape == (batches[0].yt.shape[0], 3, 80, 4) and np.isfinite(s.numpy()).all()
