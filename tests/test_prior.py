@@ -269,3 +269,9 @@ def test_cli_round_trip_build_and_prior_oracle(tmp_path) -> None:
     print(f"prior oracle {o.mean():.1f}, IDW {idw.mean():.1f}, wrong map's law {w.mean():.1f} nats per task (80 targets)")
     s = oracle.sample(batches[0], 3, __import__("torch").Generator().manual_seed(0))
     assert s.shape == (batches[0].yt.shape[0], 3, 80, 4) and np.isfinite(s.numpy()).all()
+    from flownp.jobs.evaluate import evaluate_predictor, synthetic_law
+
+    assert synthetic_law(store) is None  # no single GP law: evaluate uses PriorOraclePredictor
+    ev = evaluate_predictor(oracle, batches, store.normalizer, n_samples=32, seed=0)
+    assert ev["tar_ll"] == pytest.approx(o.mean() / 80, rel=1e-6)
+    assert all(0.8 < c < 0.97 for c in ev["coverage90"].values()), ev["coverage90"]  # calibrated samples
