@@ -27,6 +27,9 @@ geometry and has no closed form (the marginal law of a map is non-Gaussian: fron
 cannot express). The oracle conditional on the parameters is therefore an UPPER BOUND on what any
 model can score in expectation, not the score of the Bayes-optimal model.
 
+Season: by default t2m_mean is drawn over its whole range whatever the map's time, so a winter-only
+time axis still covers all seasons; `season_from_time=True` centres it on the map's day of year.
+
 Reproducibility: map parameters and values are a pure function of (seed, valid time):
 `map_seed(seed, time)` keys on the hour since 1970, so a store's map (its time) gives back its law.
 `synthesize_broad` also writes every map's parameters to a JSON sidecar per year.
@@ -36,6 +39,7 @@ Units: kPa, degC, m/s, km, m (terrain). Grids are (lat, lon[, 4]) with latitudes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import contextmanager
@@ -129,6 +133,11 @@ class BroadPriorConfig:
     front_trough_kpa: Range = (0.1, 1.0)         # depth of the trough along the line
     front_trough_width_km: Range = (30.0, 150.0)
     front_offset_max_km: float = 400.0           # |signed distance of the line from the centre|
+    # season: off = t2m_mean uniform over its range whatever the map's time (a winter-only time axis
+    # still sees all seasons); on = a seasonal centre from the day of year (coldest ~20 Jan) spanning
+    # the range shrunk by season_jitter_degc, plus a uniform jitter of +- season_jitter_degc
+    season_from_time: bool = False
+    season_jitter_degc: float = 6.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -148,8 +157,14 @@ class BroadPriorConfig:
                     raise ValueError(f"{f.name} must be > 0 (length scales and noise floors), got {v!r}")
                 if f.name in _NONNEG and v[0] < 0:
                     raise ValueError(f"{f.name} must be >= 0, got {v!r}")
+            elif isinstance(v, bool):
+                continue
             elif not (isinstance(v, (int, float)) and math.isfinite(v)):
                 raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+        lo, hi = self.t2m_mean
+        if not 0.0 <= self.season_jitter_degc <= 0.5 * (hi - lo):
+            raise ValueError(f"season_jitter_degc must be in [0, (t2m_mean max - min) / 2 = "
+                             f"{0.5 * (hi - lo)}], got {self.season_jitter_degc}")
         if not 0.0 <= self.p_front <= 1.0:
             raise ValueError(f"p_front is a probability and must be in [0, 1], got {self.p_front}")
         if self.anisotropy_max < 1.0:
@@ -310,8 +325,20 @@ class BroadWeatherPrior:
         return p / np.abs(p).max()
 
     # ---- parameters --------------------------------------------------------------------------
-    def draw_params(self, seed: Any = None) -> MapParams:
-        """One map's parameters from the config's ranges (seed: int, SeedSequence or Generator)."""
+    def seasonal_t2m_mean(self, uniform_draw: float, time: Any) -> float:
+        """t2m_mean [degC] of a map at `time` from its uniform draw in the t2m_mean range: the
+        seasonal centre (lo + j .. hi - j, coldest around 20 January) plus a jitter of +- j."""
+        lo, hi = self.config.t2m_mean
+        j = self.config.season_jitter_degc
+        day = (np.datetime64(time, "D") - np.datetime64(time, "Y").astype("datetime64[D]")).astype(int)
+        centre = 0.5 * (lo + hi) - (0.5 * (hi - lo) - j) * math.cos(2.0 * math.pi * (day - 20) / 365.25)
+        q = (uniform_draw - lo) / (hi - lo) if hi > lo else 0.5
+        return float(centre + (2.0 * q - 1.0) * j)
+
+    def draw_params(self, seed: Any = None, time: Any = None) -> MapParams:
+        """One map's parameters from the config's ranges (seed: int, SeedSequence or Generator);
+        `time` (datetime64-like) sets the seasonal t2m mean when `season_from_time` (else unused).
+        The random stream consumed is the same either way."""
         rng = np.random.default_rng(seed)
         c = self.config
 
@@ -336,6 +363,8 @@ class BroadWeatherPrior:
             wind_coeff=u("wind_coeff"), wind_small_std=wind_std, wind_small_length_km=wind_len,
             wind_small_kernel=pick(c.kernels), noise_sp=u("noise_sp"), noise_t2m=u("noise_t2m"),
             noise_u10=noise_w, noise_v10=noise_w, time_correlation_hours=0.0)
+        if c.season_from_time and time is not None:
+            gp = dataclasses.replace(gp, t2m_mean=self.seasonal_t2m_mean(gp.t2m_mean, time))
         a = math.log(c.anisotropy_max)
         ratio = float(math.exp(rng.uniform(-a, a))) if a > 0 else 1.0
         t_east, diurnal = u("t2m_grad_east"), u("diurnal_amp")
@@ -351,7 +380,7 @@ class BroadWeatherPrior:
 
     def params_at(self, seed: int, time: Any) -> MapParams:
         """The parameters of the map valid at `time` of a `synthesize_broad(seed=seed)` run."""
-        return self.draw_params(np.random.default_rng(map_seed(seed, time)))
+        return self.draw_params(np.random.default_rng(map_seed(seed, time)), time)
 
     # ---- mean field and law ------------------------------------------------------------------
     def front_distance_km(self, front: FrontParams) -> np.ndarray:
@@ -386,10 +415,11 @@ class BroadWeatherPrior:
         return MapLaw(params.gp, self.extra_mean(params), params.length_ratio, self.region)
 
     # ---- sampling ----------------------------------------------------------------------------
-    def sample_map(self, seed: Any = None) -> tuple[MapParams, np.ndarray]:
-        """(params, map (lat, lon, 4)) from one random stream: parameters first, then the values."""
+    def sample_map(self, seed: Any = None, time: Any = None) -> tuple[MapParams, np.ndarray]:
+        """(params, map (lat, lon, 4)) from one random stream: parameters first, then the values
+        (`time`: see `draw_params`)."""
         rng = np.random.default_rng(seed)
-        p = self.draw_params(rng)
+        p = self.draw_params(rng, time)
         return p, self.law(p).sample_one(rng)
 
     def sample_maps(self, n: int, seed: Any = None) -> tuple[list[MapParams], np.ndarray]:
@@ -408,7 +438,7 @@ class BroadWeatherPrior:
         params, maps = [], np.empty((t.size, self.region.size, self.region.size, 4))
         with blas_threads(1):
             for k, tk in enumerate(t):
-                params_k, maps[k] = self.sample_map(map_seed(seed, tk))
+                params_k, maps[k] = self.sample_map(map_seed(seed, tk), tk)
                 params.append(params_k)
         return params, maps
 

@@ -41,7 +41,7 @@ import time as _time
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Sequence
+from typing import Annotated, Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 import typer
@@ -802,6 +802,9 @@ def synthesize_cli(
     law: Annotated[str, typer.Option(
         "--law", help="gp: one fixed GP winter (default); broad: the broad prior of ingest.prior "
                       "(every map draws its own law; all seasons, terrain, fronts).")] = "gp",
+    prior_config: Annotated[Optional[Path], typer.Option(
+        "--prior-config", help="With --law broad: JSON file of BroadPriorConfig settings "
+                               "(ingest/prior.py) overriding its defaults.")] = None,
 ) -> None:
     """Write synthetic GP weather as ERA5-like netCDF files (with an exact-likelihood manifest)."""
     if layout not in ("current", "legacy"):
@@ -816,11 +819,18 @@ def synthesize_cli(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     t0 = _time.perf_counter()
+    if prior_config is not None and law != "broad":
+        raise typer.BadParameter("--prior-config needs --law broad", param_hint="--prior-config")
     if law == "broad":
-        from ingest.prior import PRIOR_MANIFEST_NAME, synthesize_broad
+        from ingest.prior import PRIOR_MANIFEST_NAME, BroadPriorConfig, synthesize_broad
 
+        try:
+            cfg = (BroadPriorConfig.from_dict(json.loads(prior_config.read_text()))
+                   if prior_config is not None else BroadPriorConfig())
+        except (OSError, ValueError, TypeError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--prior-config") from exc
         paths = synthesize_broad(out, ys, months=ms, days=ds, hours=hs, seed=seed, layout=layout,  # type: ignore[arg-type]
-                                 packed=packed, progress=progress)
+                                 packed=packed, config=cfg, progress=progress)
         manifest = Path(out) / PRIOR_MANIFEST_NAME
     else:
         paths = synthesize(out, ys, months=ms, days=ds, hours=hs, seed=seed,

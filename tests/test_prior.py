@@ -197,6 +197,24 @@ def test_fronts_are_sharp_jumps_a_smooth_gp_cannot_make() -> None:
             assert m[..., 1][a].mean() - m[..., 1][b].mean() > 0.6 * p.front.dt
 
 
+def test_season_from_time(prior: BroadWeatherPrior) -> None:
+    seasonal = BroadWeatherPrior(BroadPriorConfig(season_from_time=True, season_jitter_degc=5.0))
+    jan = season_times(1990, [1], range(1, 11), [0, 12])
+    jul = season_times(1990, [7], range(1, 11), [0, 12])
+    tj = np.array([seasonal.params_at(0, t).gp.t2m_mean for t in jan])
+    tl = np.array([seasonal.params_at(0, t).gp.t2m_mean for t in jul])
+    # centre 10 -/+ 20 cos(2 pi (day - 20) / 365.25), +- 5 jitter: early Jan <= -4, early Jul >= 22.5
+    assert tj.max() < -4.0 and tl.min() > 22.5 and tj.min() >= -15.0 and tl.max() <= 35.0, (tj, tl)
+    assert tj.std() > 2.0 and tl.std() > 2.0  # the jitter is there
+    # off (the default): the same stream, time ignored; on: only t2m_mean differs
+    off, on = prior.params_at(0, jan[0]), seasonal.params_at(0, jan[0])
+    assert dataclasses.replace(on.gp, t2m_mean=off.gp.t2m_mean) == off.gp and on.front == off.front
+    ps, _ = seasonal.sample_at_times(jul[:3], 0)
+    assert ps == [seasonal.params_at(0, t) for t in jul[:3]]
+    with pytest.raises(ValueError, match="season_jitter_degc"):
+        BroadPriorConfig(season_jitter_degc=30.0)
+
+
 # ---- reproducibility and speed -----------------------------------------------------------------------
 def test_reproducible_from_seed_and_time(prior: BroadWeatherPrior) -> None:
     t = np.datetime64("1987-07-04T12:00", "ns")
@@ -238,6 +256,10 @@ def test_cli_round_trip_build_and_prior_oracle(tmp_path) -> None:
     assert "broad_prior_manifest.json" in res.output
     bad = CliRunner().invoke(app, ["synthesize", "--law", "student", "--out", str(raw)])
     assert bad.exit_code != 0 and "law must be" in bad.output
+    (tmp_path / "bad.json").write_text(json.dumps({"p_front": 2.0}))
+    bad = CliRunner().invoke(app, ["synthesize", "--law", "broad", "--out", str(tmp_path / "x"),
+                                   "--prior-config", str(tmp_path / "bad.json")])
+    assert bad.exit_code != 0 and "p_front" in bad.output
     man = json.loads((raw / PRIOR_MANIFEST_NAME).read_text())
     assert man["kind"] == "broad_prior" and man["seed"] == 5 and sorted(man["files"]) == [
         "era5_memphis_1986.nc", "era5_memphis_1989.nc"]
