@@ -232,6 +232,7 @@ def _ingest_file(raw: Path, sha: str, store: Path, m: dict[str, Any], settings: 
 
 
 SYNTHETIC_MANIFEST = "gp_weather_manifest.json"
+PRIOR_MANIFEST = "broad_prior_manifest.json"  # ingest.prior.PRIOR_MANIFEST_NAME
 
 
 def _record_synthetic(raw: Path, sha: str, m: dict[str, Any]) -> None:
@@ -246,6 +247,13 @@ def _record_synthetic(raw: Path, sha: str, m: dict[str, Any]) -> None:
         entry = d.get("files", {}).get(raw.name, {})
         if d.get("kind") == "gp_weather" and entry.get("sha256") == sha:
             law = {"kind": "gp_weather", "config": d["config"], "region": d.get("region", m["region"])}
+    prior_side = raw.parent / PRIOR_MANIFEST
+    if law is None and prior_side.exists():  # ingest.prior: per-map laws from (seed, map time)
+        d = json.loads(prior_side.read_text())
+        entry = d.get("files", {}).get(raw.name, {})
+        if d.get("kind") == "broad_prior" and entry.get("sha256") == sha:
+            law = {"kind": "broad_prior", "version": d.get("version"), "config": d["config"],
+                   "seed": d["seed"], "region": d.get("region", m["region"])}
     if not m["sources"]:
         m["synthetic"] = law
     elif m.get("synthetic") != law:

@@ -41,7 +41,7 @@ import time as _time
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Sequence
+from typing import Annotated, Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 import typer
@@ -245,8 +245,9 @@ class GPWeather:
         self._kern: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for s in self.SOURCES:
             _, length, kind = spec[s]
-            l_lat = _psd_sqrt(kernel_1d(self._y_km, length, kind))
-            l_lon = _psd_sqrt(kernel_1d(self._x_km, length, kind))
+            len_lat, len_lon = self._axis_lengths(length)
+            l_lat = _psd_sqrt(kernel_1d(self._y_km, len_lat, kind))
+            l_lon = _psd_sqrt(kernel_1d(self._x_km, len_lon, kind))
             self._sqrt[s] = (l_lat, l_lon)
             self._kern[s] = (l_lat @ l_lat.T, l_lon @ l_lon.T)
         # pressure gradient operators in kPa per 100 km
@@ -267,6 +268,11 @@ class GPWeather:
              _Term("v_small", c.wind_small_std, None, None)),
         )
         self._noise = np.asarray(c.noise, dtype=np.float64)
+
+    def _axis_lengths(self, length_km: float) -> tuple[float, float]:
+        """(latitude, longitude) length scales [km] of a source with length `length_km`: isotropic
+        here; subclasses (ingest.prior) stretch them for anisotropy."""
+        return length_km, length_km
 
     # ---- construction helpers ----------------------------------------------------------------
     @classmethod
@@ -793,10 +799,18 @@ def synthesize_cli(
     packed: Annotated[bool, typer.Option("--packed/--no-packed",
                                           help="int16 scale/offset packing.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
+    law: Annotated[str, typer.Option(
+        "--law", help="gp: one fixed GP winter (default); broad: the broad prior of ingest.prior "
+                      "(every map draws its own law; all seasons, terrain, fronts).")] = "gp",
+    prior_config: Annotated[Optional[Path], typer.Option(
+        "--prior-config", help="With --law broad: JSON file of BroadPriorConfig settings "
+                               "(ingest/prior.py) overriding its defaults.")] = None,
 ) -> None:
     """Write synthetic GP weather as ERA5-like netCDF files (with an exact-likelihood manifest)."""
     if layout not in ("current", "legacy"):
         raise typer.BadParameter("layout must be 'current' or 'legacy'", param_hint="--layout")
+    if law not in ("gp", "broad"):
+        raise typer.BadParameter("law must be 'gp' or 'broad'", param_hint="--law")
     try:
         ys = parse_int_list(years)
         ms = parse_int_list(months)
@@ -805,7 +819,22 @@ def synthesize_cli(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     t0 = _time.perf_counter()
-    paths = synthesize(out, ys, months=ms, days=ds, hours=hs, seed=seed,
-                       layout=layout, packed=packed, progress=progress)  # type: ignore[arg-type]
+    if prior_config is not None and law != "broad":
+        raise typer.BadParameter("--prior-config needs --law broad", param_hint="--prior-config")
+    if law == "broad":
+        from ingest.prior import PRIOR_MANIFEST_NAME, BroadPriorConfig, synthesize_broad
+
+        try:
+            cfg = (BroadPriorConfig.from_dict(json.loads(prior_config.read_text()))
+                   if prior_config is not None else BroadPriorConfig())
+        except (OSError, ValueError, TypeError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--prior-config") from exc
+        paths = synthesize_broad(out, ys, months=ms, days=ds, hours=hs, seed=seed, layout=layout,  # type: ignore[arg-type]
+                                 packed=packed, config=cfg, progress=progress)
+        manifest = Path(out) / PRIOR_MANIFEST_NAME
+    else:
+        paths = synthesize(out, ys, months=ms, days=ds, hours=hs, seed=seed,
+                           layout=layout, packed=packed, progress=progress)  # type: ignore[arg-type]
+        manifest = Path(out) / MANIFEST_NAME
     typer.echo(f"wrote {len(paths)} file(s) to {out} in {_time.perf_counter() - t0:.1f} s "
-               f"(manifest {Path(out) / MANIFEST_NAME})")
+               f"(manifest {manifest})")

@@ -229,10 +229,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
                              name="FlowNP (exact trace)")
         result["flownp_exact"] = evaluate_predictor(ex, batches(), normalizer, n_samples=0, progress=progress)
     gp = synthetic_law(store)
-    if oracle and gp is not None:
-        from flownp.jobs.baselines.oracle import OraclePredictor
+    syn = store.manifest.get("synthetic") or {}
+    if oracle and (gp is not None or syn.get("kind") == "broad_prior"):
+        from flownp.jobs.baselines.oracle import OraclePredictor, PriorOraclePredictor
 
-        result["oracle"] = evaluate_predictor(OraclePredictor(gp, normalizer), batches(), normalizer,
+        orc = (OraclePredictor(gp, normalizer) if gp is not None
+               else PriorOraclePredictor.from_law(syn, times, normalizer))
+        result["oracle"] = evaluate_predictor(orc, batches(), normalizer,
                                               n_samples=n_samples, seed=seed, progress=progress)
         result["gap_to_oracle"] = result["oracle"]["tar_ll"] - result["flownp"]["tar_ll"]
     for b in baselines:
@@ -294,8 +297,8 @@ def make_baseline(spec: str) -> Any:
 def synthetic_law(store: Any) -> Any:
     """The GP-weather law a synthetic store was generated from (None for real data)."""
     syn = store.manifest.get("synthetic")
-    if not syn:
-        return None
+    if not syn or syn.get("kind", "gp_weather") != "gp_weather":
+        return None  # real data, or per-map laws (broad prior: PriorOraclePredictor.from_store)
     from ingest.region import Region
     from ingest.synthetic import GPWeather, GPWeatherConfig
 
