@@ -217,3 +217,18 @@ def test_gp_base_model_trains_and_fine_tunes(tiny_store, tmp_path):
                                                           val_batches=1, lr=1e-4, schedule="constant"))
     ft.run(progress=False)
     assert (tmp_path / "ft" / "last.pt").exists()
+
+
+def test_a_repeated_transform_scores_samples_as_a_fresh_one():
+    """Scoring S samples of one task with the task's transform repeated gives what fitting it per copy gives."""
+    xc, yc, xt, _ = (a.double() for a in _task(7, b=1))
+    model = _model(standardise="context", base="gp", velocity="residual")
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)
+    tr = model.task_transform(xc, yc, xt)
+    s = sample(model, xc, yc, xt, n_samples=3, solver=SolverConfig("euler", 4), transform=tr,
+               generator=torch.Generator().manual_seed(1)).samples[0]
+    kw = dict(solver=SolverConfig("euler", 4), estimator="exact")
+    rep = lambda a: a.expand(3, -1, -1)  # noqa: E731
+    fast = log_likelihood(model, rep(xc), rep(yc), rep(xt), s, transform=tr.repeat(3), **kw).joint
+    slow = log_likelihood(model, rep(xc), rep(yc), rep(xt), s, **kw).joint
+    assert torch.allclose(fast, slow, atol=1e-9)

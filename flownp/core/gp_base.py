@@ -211,6 +211,14 @@ class TaskTransform:
     base: GaussianBase | None
     n_targets: int
 
+    def repeat(self, n: int) -> "TaskTransform":
+        """The same transforms for n copies of each task: batch B -> B * n (copy index fastest), e.g. to
+        score n samples of one task without fitting its GP n times."""
+        r = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
+        base = None if self.base is None else GaussianBase(r(self.base.mu), r(self.base.w), r(self.base.w_inv),
+                                                           r(self.base.logdet_w), self.base.diagonal)
+        return TaskTransform(r(self.loc), r(self.scale), base, self.n_targets)
+
     def context(self, yc: torch.Tensor) -> torch.Tensor:
         """What the network sees of the context: standardised values, (B, n_ctx, D)."""
         return ((yc - self.loc) / self.scale).to(yc.dtype)

@@ -127,12 +127,14 @@ def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig 
 def log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *,
                    solver: SolverConfig = SolverConfig("midpoint", 100), estimator: str = "auto",
                    n_probes: int = 1, probe: str = "rademacher", seed: int = 0,
-                   create_graph: bool = False) -> LikelihoodResult:
+                   create_graph: bool = False, transform: Any = None) -> LikelihoodResult:
     """log p(yt | xt, context) under a FlowNP model (nats, normalised units); all targets share t, the
     context stays at t = 1. estimator "auto"/"exact": exact-blocks for targets="independent", else exact-full
     ("exact") or Hutchinson ("auto"). A model with a per-task transform (flownp.core.gp_base) is scored in
-    its space, and the transform's exact log-Jacobian is added: the result is still a density of yt."""
-    tr = task_transform(model, xc, yc, xt)
+    its space, and the transform's exact log-Jacobian is added: the result is still a density of yt.
+    `transform` passes one already computed for these tasks (e.g. `TaskTransform.repeat` to score several
+    samples of one task)."""
+    tr = transform if transform is not None else task_transform(model, xc, yc, xt)
     if tr is None:
         return flow_log_likelihood(model, xc, yc, xt, yt, solver=solver, estimator=estimator, n_probes=n_probes,
                                    probe=probe, seed=seed, create_graph=create_graph)

@@ -28,12 +28,13 @@ def task_transform(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Ten
 @torch.no_grad()
 def sample(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, *, n_samples: int = 1,
            solver: SolverConfig = SolverConfig("euler", 16), generator: torch.Generator | None = None,
-           y0: torch.Tensor | None = None) -> SampleResult:
+           y0: torch.Tensor | None = None, transform: Any = None) -> SampleResult:
     """Draw n_samples target sets per task. y0 (B, S, n_tgt, D) optionally fixes the noise. A model with a
-    per-task transform flows in its space (standardised context, whitened targets) and maps back."""
+    per-task transform flows in its space (standardised context, whitened targets) and maps back;
+    `transform` passes one already computed for these tasks (`model.task_transform(xc, yc, xt)`)."""
     b, n = xt.shape[:2]
     d = model.config.y_dim
-    tr = task_transform(model, xc, yc, xt)
+    tr = transform if transform is not None else task_transform(model, xc, yc, xt)
     ctx = model.encode_context(xc, tr.context(yc) if tr is not None else yc).repeat(n_samples)
     xs = xt.repeat_interleave(n_samples, dim=0)
     if y0 is None:
