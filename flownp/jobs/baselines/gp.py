@@ -1,8 +1,16 @@
 """GP regression with kernel hyperparameters fitted to each task's context (what a geostatistician
-would use on real data): one GP per variable in normalised units, squared-exponential kernel plus
-noise, hyperparameters (length scale, variance, noise) by maximum marginal likelihood on (a seeded
-subset of) the context, then exact conditioning on the whole context. The targets' density is joint
-across points and independent across variables."""
+would use on real data): one GP per variable, squared-exponential kernel plus noise, hyperparameters
+(length scale, variance, noise) by maximum marginal likelihood on (a seeded subset of) the context with
+restarts, then exact conditioning on the whole context. The targets' density is joint across points
+and independent across variables.
+
+Per-task standardisation (scikit-learn's `normalize_y`): before fitting, each variable's context values
+are standardised by their own mean m and std s (y' = (y - m) / s), so the kernel bounds, the jitter and
+the noise floor are relative to the task's own variability (a region's surface pressure varies by a
+small fraction of the global std the normalised space is built on). Predictions map back (mean
+m + s mu', covariance s^2 K'), and the density is reported in the caller's units with the Jacobian of
+that map: log p(y) = log p'(y') - n_targets * log s per variable. With `standardize=False` the GP works
+directly in the units it is given (the earlier behaviour)."""
 
 from __future__ import annotations
 
@@ -39,21 +47,34 @@ def _cholesky(a: np.ndarray, max_tries: int = 6) -> tuple[np.ndarray, bool]:
 
 
 def _nlml(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """Negative log marginal likelihood of y (constant mean = y's mean) at log (length scale, variance, noise)."""
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    return _nlml_and_grad(theta, d2, y)[0]
+
+
+def _nlml_and_grad(theta: np.ndarray, d2: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """The negative log marginal likelihood and its exact gradient in log (length scale, variance, noise),
+    from the squared distances d2 of the fit points: 0.5 tr((K^-1 - a a^T) dK/dtheta), a = K^-1 (y - mean)."""
     ell, var, noise = np.exp(theta)
-    k = _se(x, x, ell, var) + (noise + 1e-6) * np.eye(len(x))
+    kse = var * np.exp(-0.5 * d2 / ell**2)
+    k = kse + (noise + 1e-6) * np.eye(len(y))
     try:
         c = sla.cho_factor(k, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
-        return 1e10
-    mu = y.mean()
-    alpha = sla.cho_solve(c, y - mu, check_finite=False)
-    return float(0.5 * (y - mu) @ alpha + np.log(np.diag(c[0])).sum() + 0.5 * len(x) * math.log(2 * math.pi))
+        return 1e10, np.zeros(3)
+    r = y - y.mean()
+    alpha = sla.cho_solve(c, r, check_finite=False)
+    f = float(0.5 * r @ alpha + np.log(np.diag(c[0])).sum() + 0.5 * len(y) * math.log(2 * math.pi))
+    w = sla.cho_solve(c, np.eye(len(y)), check_finite=False) - np.outer(alpha, alpha)
+    grad = 0.5 * np.array([np.sum(w * kse * d2) / ell**2, np.sum(w * kse), noise * np.trace(w)])
+    return f, grad
 
 
 @dataclass
 class FittedGPPredictor:
     max_fit_points: int = 300
     seed: int = 0
+    standardize: bool = True
     name: str = "GP (fitted)"
     ll_kind: str = "joint over points, independent variables"
 
@@ -64,7 +85,10 @@ class FittedGPPredictor:
         bounds = [(math.log(0.05), math.log(50.0)), (math.log(1e-3), math.log(1e2)), (math.log(1e-6), math.log(10.0))]
         # restarts from short, medium and long length scales guard against a poor local optimum of the
         # marginal likelihood; the best of them is kept
-        fits = [minimize(_nlml, np.log([ell0, 1.0, 0.01]), args=(xc[sub], yc[sub]), method="L-BFGS-B", bounds=bounds)
+        xs = xc[sub]
+        d2 = ((xs[:, None, :] - xs[None, :, :]) ** 2).sum(-1)
+        fits = [minimize(_nlml_and_grad, np.log([ell0, 1.0, 0.01]), args=(d2, yc[sub]), jac=True, method="L-BFGS-B",
+                         bounds=bounds)
                 for ell0 in (0.5, 2.0, 8.0)]
         ell, var, noise = np.exp(min(fits, key=lambda r: r.fun).x)
         mu = yc.mean()
@@ -76,18 +100,46 @@ class FittedGPPredictor:
         cov = _se(xt, xt, ell, var) + (noise + 1e-6) * np.eye(len(xt)) - v.T @ v
         return mean, cov
 
+    def _standardizer(self, yc: np.ndarray) -> tuple[float, float]:
+        """(m, s) of one variable's context values: y' = (y - m) / s ((0, 1) when not standardising; s is
+        1 for a constant context, so the map stays invertible)."""
+        if not self.standardize:
+            return 0.0, 1.0
+        m, s = float(np.mean(yc)), float(np.std(yc))
+        return m, (s if s > 0 and np.isfinite(s) else 1.0)
+
     def _task(self, batch: TaskBatch, i: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per variable: mean and covariance of the noisy targets in the units of the batch."""
+        return [(m * s + loc, cov * s * s) for (m, cov), (loc, s) in zip(*self._task_std(batch, i))]
+
+    def _task_std(self, batch: TaskBatch, i: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[float, float]]]:
+        """Per variable: posterior (mean, covariance) in standardised units and the standardiser (m, s)."""
+        # log_likelihood and sample of the same batch share its fits (the batch object is held, so its
+        # identity cannot be reused by another batch while cached)
+        if getattr(self, "_cache_batch", None) is not batch:
+            self._cache_batch, self._cache = batch, {}
+        if i in self._cache:
+            return self._cache[i]
         xc, xt = batch.xc[i].double().numpy(), batch.xt[i].double().numpy()
-        return [self._posterior(xc, batch.yc[i, :, j].double().numpy(), xt) for j in range(4)]
+        posts, stds = [], []
+        for j in range(batch.yc.shape[-1]):
+            y = batch.yc[i, :, j].double().numpy()
+            loc, s = self._standardizer(y)
+            posts.append(self._posterior(xc, (y - loc) / s, xt))
+            stds.append((loc, s))
+        self._cache[i] = (posts, stds)
+        return posts, stds
 
     def log_likelihood(self, batch: TaskBatch) -> torch.Tensor:
         out = []
         for i in range(batch.xt.shape[0]):
             tot = 0.0
-            for j, (m, cov) in enumerate(self._task(batch, i)):
-                r = batch.yt[i, :, j].double().numpy() - m
+            posts, stds = self._task_std(batch, i)
+            for j, ((m, cov), (loc, s)) in enumerate(zip(posts, stds)):
+                r = (batch.yt[i, :, j].double().numpy() - loc) / s - m
                 c = _cholesky(cov)
                 tot += -0.5 * r @ sla.cho_solve(c, r) - np.log(np.diag(c[0])).sum() - 0.5 * len(r) * math.log(2 * math.pi)
+                tot -= len(r) * math.log(s)  # Jacobian of the standardisation: density in the batch's units
             out.append(tot)
         return torch.tensor(out, dtype=torch.float64)
 
@@ -95,14 +147,17 @@ class FittedGPPredictor:
         out = []
         for i in range(batch.xt.shape[0]):
             cols = []
-            for m, cov in self._task(batch, i):
+            posts, stds = self._task_std(batch, i)
+            for (m, cov), (loc, s) in zip(posts, stds):
                 chol = np.tril(_cholesky(cov)[0])
                 z = torch.randn((len(m), n), generator=generator, dtype=torch.float64).numpy()
-                cols.append((m[:, None] + chol @ z).T)  # (n, nt)
+                cols.append(loc + s * (m[:, None] + chol @ z).T)  # (n, nt) in the batch's units
             out.append(np.stack(cols, -1))
         return torch.tensor(np.array(out), dtype=torch.float32)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "ll_kind": self.ll_kind, "estimator": "exact Gaussian",
                 "kernel": "squared exponential + noise per variable", "max_fit_points": self.max_fit_points,
-                "fit": "max marginal likelihood, L-BFGS-B from 3 length scales", "cholesky": "jitter up to 1e-2 x mean variance if needed"}
+                "standardize": "per-task context mean/std per variable (normalize_y), density with its Jacobian"
+                if self.standardize else "none",
+                "fit": "max marginal likelihood (exact gradient), L-BFGS-B from 3 length scales", "cholesky": "jitter up to 1e-2 x mean variance if needed"}
