@@ -23,14 +23,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=700)
     p.add_argument("--batch-size", type=int, default=4, help="tasks per rank and step")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--resume", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = TrainConfig(steps=a.steps, lr=1e-3, warmup=50, batch_size=a.batch_size, n_ctx_min=50, n_ctx_max=1000,
-                      n_tgt=128, ema_decay=0.995, ckpt_every=100, log_every=10, val_batches=4, seed=0)
+                      n_tgt=128, ema_decay=0.995, ckpt_every=50, log_every=10, val_batches=4, seed=0)
     print(pretrain(a.data, a.out, MODEL, cfg, resume=a.resume, progress=False, max_minutes=a.max_minutes))
 
 
