@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service import default_model
+from flownp import default_model
 from service.client import Client, ServiceError
 from service.engine import LoadError, load_models
 from service.settings import Settings

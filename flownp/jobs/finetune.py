@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+from flownp.checkpoint import lineage_n_ctx_min, load_checkpoint, model_from_checkpoint
 from flownp.jobs.distributed import init_from_env, rank_device
 from flownp.core.paths import flow_matching_loss, sample_path
 from flownp.core.solvers import SolverConfig, solve
@@ -72,16 +72,6 @@ class FinetuneConfig:
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def lineage_n_ctx_min(ck: dict[str, Any]) -> int | None:
-    """The fewest context points any stage of a checkpoint's training lineage was trained on: its own
-    `task_config.n_ctx_min` and, for a fine-tune, `trained_n_ctx_min` (the minimum over its base's lineage,
-    recorded by `FineTuner.payload`). A model fine-tuned on n_ctx 950-1000 from a base pretrained on
-    50-1000 has 50. None when the checkpoint records neither (older checkpoints)."""
-    vals = ((ck.get("task_config") or {}).get("n_ctx_min"), ck.get("trained_n_ctx_min"))
-    ok = [int(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
-    return min(ok) if ok else None
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The offline retraining job: ingest new files -> pretrain (or continue) -> fine-tune -> evaluate on a
 frozen test set -> promote to the registry only if the candidate beats the current model (target
-log-likelihood in physical units, both scored on the same tasks with the same probes: `compare`).
+log-likelihood over ERA5 units, both scored on the same tasks with the same probes: `compare`).
 
 `flownp retrain --config JOB.yaml` (a plain YAML file validated by `RetrainJob`). Every stage leaves its
 output in the job's work directory and is skipped when done, training stages resume from their last
@@ -20,10 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flownp.registry import Registry
+from ingest.space import UNITS
 from ingest.io import sha256_file, write_json_atomic
 
 
-GATE_METRIC = "tar_ll_physical"
+GATE_METRIC = "tar_ll_era5"  # over ERA5 units, as REST and the notebook report (docs/protocol.md §6)
 # what makes two scores paired: the same frozen tasks, and the same estimator, probes and solver on them
 PAIRED_KEYS = ("estimator", "n_probes", "probe_seed", "ll_solver")
 
@@ -39,9 +40,10 @@ class EvalSpec(_Strict):
     n_tgt: Optional[int] = Field(245, ge=1)
     seed: int = 0
     ll_solver: str = "midpoint:25"
-    metric: Literal["tar_ll_physical"] = Field(
-        "tar_ll_physical", description="the gate compares tar_ll in physical units: each checkpoint's own "
-        "normalised units differ once new files change the normaliser. 'tar_ll' (older configs) reads as this")
+    metric: Literal["tar_ll_era5"] = Field(
+        "tar_ll_era5", description="the gate compares tar_ll over ERA5 units (Pa, K, m s-1): each checkpoint's "
+        "own normalised units differ once new files change the normaliser. 'tar_ll' and 'tar_ll_physical' "
+        "(older configs) read as this: over any fixed units the comparison is the same")
     min_gain: float = Field(0.0, description="nats per point the candidate must win by")
     keep_finetune: Literal["if_better", "always"] = Field(
         "if_better", description="with both a pretrain and a fine-tune stage, the candidate is the better of "
@@ -51,7 +53,7 @@ class EvalSpec(_Strict):
     @field_validator("metric", mode="before")
     @classmethod
     def _physical(cls, v: Any) -> Any:
-        return GATE_METRIC if v == "tar_ll" else v
+        return GATE_METRIC if v in ("tar_ll", "tar_ll_physical") else v
 
 
 class PretrainSpec(_Strict):
@@ -134,7 +136,7 @@ def _flownp_weights(ck: dict[str, Any], key: str) -> dict[str, Any]:
 def compare(cand: dict[str, Any], cur: dict[str, Any] | None, *, min_gain: float = 0.0,
             current_version: str | None = None) -> dict[str, Any]:
     """The promotion gate on two `evaluate_checkpoint` results: the candidate wins when its target
-    log-likelihood in physical units (nats per target point in kPa, degC, m/s) beats the current model's by
+    log-likelihood over ERA5 units (nats per target point over Pa, K, m s-1) beats the current model's by
     more than `min_gain`. Normalised tar_ll is no common scale: each checkpoint's is in its own normaliser's
     units, which shift by a constant when new training years change the normaliser. The two scores must be
     paired (same frozen tasks, same estimator with the same probe seed), else the comparison is refused."""
@@ -150,7 +152,7 @@ def compare(cand: dict[str, Any], cur: dict[str, Any] | None, *, min_gain: float
     cand_metric = float(c[GATE_METRIC])
     cur_metric = float(cur["flownp"][GATE_METRIC]) if cur is not None else None
     wins = cur_metric is None or cand_metric > cur_metric + min_gain
-    return {"metric": GATE_METRIC, "units": "nats per target point, 4 variables summed, physical units",
+    return {"metric": GATE_METRIC, "units": f"{UNITS['era5']}, per target point, 4 variables summed",
             "candidate": cand_metric, "current": cur_metric, "current_version": current_version,
             "min_gain": min_gain, "eval_set": cand["eval_set"],
             "scoring": {k: c["predictor"].get(k) for k in PAIRED_KEYS}, "promoted": wins}
@@ -281,7 +283,7 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
 
     # both models on the same frozen tasks with the same 1-probe Hutchinson estimator and probe seed: the
     # probes are drawn per batch from that seed, so the two scores are paired
-    scoring = {"ll_solver": e.ll_solver, "probe_seed": e.seed, "n_probes": 1}
+    scoring = {"ll_solver": e.ll_solver, "probe_seed": e.seed, "n_probes": 1, "metric": GATE_METRIC}
 
     def score(ckpt: Path, name: str) -> dict[str, Any]:
         out = work / f"eval-{name}.json"

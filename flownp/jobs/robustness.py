@@ -22,6 +22,7 @@ import torch
 from flownp.core.sampling import sample
 from flownp.core.solvers import SolverConfig
 from ingest.normalize import Normalizer
+from ingest.space import model_units
 from ingest.tasks import TaskBatch
 from ingest.variables import NAMES
 
@@ -91,6 +92,6 @@ def steps_sweep(model: Any, batches: Iterable[TaskBatch], normalizer: Normalizer
         count += y0.shape[0] * y0.shape[1] * y0.shape[2]
     return {
         "reference": reference.describe(), "reference_nfe_mean": float(np.mean(ref_nfe)),
-        "n_samples": n_samples, "units": {"sp": "kPa", "t2m": "degC", "u10": "m/s", "v10": "m/s"},
+        "n_samples": n_samples, "units": model_units(),
         "rmse_to_reference": {str(k): dict(zip(NAMES, np.sqrt(sse[k] / count).tolist())) for k in steps},
     }
