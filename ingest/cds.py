@@ -18,12 +18,10 @@ September 2024.
 
 from __future__ import annotations
 
-import calendar
 import glob
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -42,6 +40,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from ingest.io import atomic_path, sha256_file, write_json_atomic
+from ingest.parsing import parse_int_list, valid_times
 from ingest.layout import LayoutError, canonicalize
 from ingest.region import MEMPHIS
 from ingest.variables import CDS_NAMES, resolve_alias
@@ -186,15 +185,8 @@ def plan_requests(cfg: DownloadConfig) -> list[PlannedRequest]:
 
 def requested_times(request: dict[str, Any]) -> pd.DatetimeIndex:
     """Sorted valid datetimes (UTC) of a request: every (year, month, day, hour) that exists."""
-    hours = sorted({int(str(t).split(":")[0]) for t in request["time"]})
-    stamps = []
-    for y in sorted({int(v) for v in request["year"]}):
-        for m in sorted({int(v) for v in request["month"]}):
-            n_days = calendar.monthrange(y, m)[1]
-            for d in sorted({int(v) for v in request["day"]}):
-                if d <= n_days:
-                    stamps.extend(datetime(y, m, d, h) for h in hours)
-    return pd.DatetimeIndex(stamps)
+    return pd.DatetimeIndex(valid_times(request["year"], request["month"], request["day"],
+                                        (int(str(t).split(":")[0]) for t in request["time"])))
 
 
 def backoff_delay(cfg: DownloadConfig, retry: int) -> float:
@@ -591,24 +583,6 @@ def download_era5(cfg: DownloadConfig, out_dir: str | os.PathLike, *, client_fac
 class Per(str, Enum):
     year = "year"
     month = "month"
-
-
-def parse_int_list(text: str, *, name: str = "value") -> tuple[int, ...]:
-    """'1986-2017', '1990,1991', '0-23', '00:00,12:00' or a mix -> sorted unique ints."""
-    out: set[int] = set()
-    for token in (t.strip() for t in text.split(",")):
-        if not token:
-            continue
-        m = re.fullmatch(r"(\d+)(?::00)?\s*(?:-\s*(\d+)(?::00)?)?", token)
-        if m is None:
-            raise ValueError(f"cannot read {name} {token!r} (use e.g. '1986-2017' or '1990,1991')")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f"empty {name} range {token!r}")
-        out.update(range(lo, hi + 1))
-    if not out:
-        raise ValueError(f"no {name} given")
-    return tuple(sorted(out))
 
 
 def download_cli(

@@ -38,6 +38,12 @@ COUPLINGS = ("inversion", "random")
 GRADS = ("backprop", "checkpoint", "adjoint")
 
 
+#: fine-tuning's optimiser settings where they differ from TrainConfig's (the CLI's and the retrain YAML's
+#: defaults both come from here): short, a low constant learning rate after the warm-up, a faster EMA
+FINETUNE_TRAIN_DEFAULTS: dict[str, Any] = {"steps": 500, "batch_size": 8, "lr": 1e-5, "warmup": 50,
+                                           "schedule": "constant", "ema_decay": 0.99, "ckpt_every": 100}
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """What fine-tuning does (the optimiser settings are a TrainConfig). sigma in normalised units."""
