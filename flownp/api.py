@@ -40,26 +40,13 @@ class Extrapolator:
     and out. Shapes inside: context (1, n_ctx, 2|4)."""
 
     def __init__(self, loaded: LoadedModel, meta: dict[str, Any] | None = None) -> None:
-        loaded.model.eval()
         self.loaded, self.meta = loaded, meta or {}
+        self.model: Any = loaded.model.eval()
+        self.space: ModelSpace = loaded.space
+        self.normalizer: Normalizer = loaded.normalizer
+        self.region: Region = loaded.region
         # fewest context points accepted: the smallest n_ctx of the model's training lineage (as the service)
         self.min_context = loaded.min_context()
-
-    @property
-    def model(self) -> Any:
-        return self.loaded.model
-
-    @property
-    def space(self) -> ModelSpace:
-        return self.loaded.space
-
-    @property
-    def normalizer(self) -> Normalizer:
-        return self.loaded.normalizer
-
-    @property
-    def region(self) -> Region:
-        return self.loaded.region
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "Extrapolator":

@@ -26,11 +26,11 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,7 @@ import typer
 import xarray as xr
 from tqdm import tqdm
 
+from ingest.configs import DictConfig
 from ingest.io import atomic_path, sha256_file, write_json_atomic
 from ingest.parsing import parse_int_list, valid_times
 from ingest.layout import LayoutError, canonicalize
@@ -85,8 +86,10 @@ class VerificationError(ValueError):
 
 # ---- configuration ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DownloadConfig:
+class DownloadConfig(DictConfig):
     """What to request and how hard to try. Times are UTC hours; backoff and sleeps in seconds."""
+
+    STRICT_KEYS: ClassVar[bool] = True  # a download config is written by hand: a typo is an error
 
     dataset: str = "reanalysis-era5-single-levels"
     product_type: str = "reanalysis"
@@ -129,17 +132,6 @@ class DownloadConfig:
         if self.backoff_base_s < 0 or self.backoff_max_s < 0 or self.client_sleep_max_s < 0:
             raise ValueError("backoff and sleep times must be >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DownloadConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DownloadConfig field(s): {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)

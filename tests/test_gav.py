@@ -1,4 +1,4 @@
-"""GAV residual (PROTOCOL 4): Hurwitz and contracting by construction, the orthogonal Cayley factor and its
+"""GAV residual (docs/protocol.md §9): Hurwitz and contracting by construction, the orthogonal Cayley factor and its
 low-rank Sherman-Morrison-Woodbury path, trajectories that approach each other, the analytic divergence
 equal to the Jacobian's trace, equivariance, a near-zero start, and the wrapped model through the
 likelihood and the sampler unchanged (against closed forms where the flow is linear)."""

@@ -54,7 +54,7 @@ class ModelConfig:
 
     @classmethod
     def reference(cls) -> "ModelConfig":
-        """The published FlowNP (PROTOCOL 2): about 238K parameters."""
+        """The published FlowNP (docs/protocol.md §7): about 238K parameters."""
         return cls(arch="reference", targets="joint", encoding="reference")
 
     def to_dict(self) -> dict[str, Any]:

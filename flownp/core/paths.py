@@ -1,4 +1,4 @@
-"""Conditional flow matching on the linear path (PROTOCOL 2): noise at t = 0, data at t = 1.
+"""Conditional flow matching on the linear path (docs/protocol.md §7): noise at t = 0, data at t = 1.
 
 y_t = t y1 + (1 - t) y0 with y0 ~ N(0, I), target velocity y1 - y0, flow time drawn independently for
 every target point, MSE over all elements. Coupling: independent (minibatch OT hurts conditional models).

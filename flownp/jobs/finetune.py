@@ -1,5 +1,5 @@
-"""Fine-tuning a pretrained FlowNP by maximum likelihood of K-step reconstructions (FT-FlowNP, PROTOCOL 3),
-optionally through a GAV residual added to a frozen or lightly tuned base (PROTOCOL 4).
+"""Fine-tuning a pretrained FlowNP by maximum likelihood of K-step reconstructions (FT-FlowNP, docs/protocol.md §8),
+optionally through a GAV residual added to a frozen or lightly tuned base (docs/protocol.md §9).
 
 A task's targets x1 (B, n_tgt, D, normalised) are paired with noise z by a coupling: `inversion` (the
 frozen pretrained field integrated backwards from x1 with a fine midpoint solver, no gradient) or
@@ -16,7 +16,7 @@ Run: `flownp finetune --from RUN/best.pt --data STORE --out FT [--mode gav]`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from flownp.jobs.distributed import init_from_env, rank_device
 from flownp.core.paths import flow_matching_loss, sample_path
 from flownp.core.solvers import SolverConfig, solve
 from flownp.jobs.train import TrainConfig, Trainer, validation_loss
+from ingest.configs import DictConfig
 from ingest.io import sha256_file
 from ingest.store import Store
 from ingest.tasks import TaskBatch
@@ -45,7 +46,7 @@ FINETUNE_TRAIN_DEFAULTS: dict[str, Any] = {"steps": 500, "batch_size": 8, "lr": 
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(DictConfig):
     """What fine-tuning does (the optimiser settings are a TrainConfig). sigma in normalised units."""
 
     mode: str = "mle"
@@ -71,13 +72,6 @@ class FinetuneConfig:
         if self.cfm_weight < 0:
             raise ValueError("cfm_weight must be >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @torch.no_grad()

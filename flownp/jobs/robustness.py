@@ -1,11 +1,11 @@
 """Robustness of a predictor to corrupted context values, and the sampling steps sweep.
 
-Context noise (PROTOCOL 4: the GAV paper's robustness test, applied to the context values, normalised
+Context noise (docs/protocol.md §9: the GAV paper's robustness test, applied to the context values, normalised
 units): `gaussian:S` adds N(0, S^2) to every context value; `salt-pepper:P` replaces each context value,
 independently with probability P, by +3 or -3 (a 3-sigma outlier of random sign). Draws are seeded per
 batch, so every predictor sees the same corrupted contexts.
 
-Steps sweep (PROTOCOL 3, the training/inference gap): samples by K explicit Euler steps from fixed
+Steps sweep (docs/protocol.md §8, the training/inference gap): samples by K explicit Euler steps from fixed
 noise, compared with the same noise carried by an adaptive dopri5 solve (the ODE's own sample). Reports
 the RMSE between the two per variable in physical units.
 """
