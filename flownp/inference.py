@@ -23,6 +23,7 @@ import torch
 from flownp import default_model as _default
 from flownp.checkpoint import lineage_n_ctx_min, load_verified, model_from_checkpoint
 from flownp.core.likelihood import log_likelihood as _log_likelihood
+from flownp.core.model import count_parameters
 from flownp.core.sampling import sample as _sample
 from flownp.core.solvers import SolverConfig
 from ingest.normalize import Normalizer
@@ -44,10 +45,6 @@ def parse_solver(spec: str) -> SolverConfig:
         return SolverConfig(method, int(arg or 16))
     tol = float(arg) if arg else 1e-5
     return SolverConfig(method, rtol=tol, atol=tol)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
 @dataclass
@@ -107,7 +104,7 @@ def build_model(version: str, ck: dict[str, Any], digest: str | None, source: st
         "version": version, "source": source, "sha256": digest, "kind": ck.get("kind"), "step": ck.get("step"),
         "synthetic": bool(extra.pop("synthetic", False)), "model_config": cfg,
         "gav": ck.get("gav_config") is not None,
-        "n_parameters": count_parameters(model),
+        "n_parameters": int(count_parameters(model)),
         "log_likelihood": {"auto": "exact-blocks" if independent else "hutchinson",
                            "exact": "exact-blocks" if independent else "exact-full (small target sets)",
                            "units": LL_UNITS},

@@ -1,4 +1,6 @@
-"""The engine: verified model loading, and model work run off the event loop with limits.
+"""The engine: the configured models (registry through `flownp.registry.Registry`, a checkpoint, else the
+embedded default; each loaded by `flownp.checkpoint.load_verified` and built by `flownp.inference`), and
+model work (`flownp.inference.extrapolate` / `log_likelihood`) run off the event loop with limits.
 
 Concurrency: a thread pool of `workers` threads (torch releases the GIL inside its kernels, and uses its
 own intra-op threads within each job) behind an admission counter: at most workers + max_queue jobs are

@@ -54,7 +54,6 @@ class FlowNPPredictor:
     seed: int = 0
     name: str = "FlowNP"
     ll_kind: str = "joint"
-    last_spread: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -64,8 +63,6 @@ class FlowNPPredictor:
         b = batch.to(self.device)
         res = log_likelihood(self.model, b.xc, b.yc, b.xt, b.yt, solver=self.ll_solver,
                              estimator=self.estimator, n_probes=self.n_probes, seed=self.seed)
-        self.last_spread = res.spread
-        self.last_estimator = res.estimator
         return res.joint.cpu()
 
     def sample(self, batch: TaskBatch, n: int, generator: torch.Generator) -> torch.Tensor:
