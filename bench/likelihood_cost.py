@@ -15,7 +15,7 @@ import time
 import torch
 
 from _common import load_model, request
-from flownp.jobs.evaluate import parse_solver
+from flownp.inference import parse_solver
 from flownp.core.config import ModelConfig
 from flownp.core.likelihood import log_likelihood
 

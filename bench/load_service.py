@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ingest.region import MEMPHIS as R  # noqa: E402
+from service.cli import stop  # noqa: E402
 
 
 def body(with_ll: bool, seed: int = 0) -> bytes:
@@ -147,11 +148,7 @@ def main() -> None:
             res = asyncio.run(level(url, payload, args.requests, conc, args.max_seconds))
             print(json.dumps(res), flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main() -> None:
     models = {"default (cached, joint)": load_model(a.checkpoint, ModelConfig(), a.device)}
     if not a.checkpoint:
         models["default (cached, independent)"] = load_model(None, ModelConfig(targets="independent"), a.device)
-        models["reference (PROTOCOL 2)"] = load_model(None, ModelConfig.reference(), a.device)
+        models["reference (docs/protocol.md §7)"] = load_model(None, ModelConfig.reference(), a.device)
     res = {name: [measure(m, 1000, nt, a.steps, a.repeats, a.device) for nt in (245, 1000)]
            for name, m in models.items()}
     print(json.dumps({"device": a.device, "threads": a.threads, "steps": a.steps, "results": res}, indent=2))

@@ -46,7 +46,7 @@ def main() -> None:
     rows = {}
     for name, cfg in [("default (cached, joint)", ModelConfig()),
                       ("default (cached, independent)", ModelConfig(targets="independent")),
-                      ("reference (PROTOCOL 2)", ModelConfig.reference())]:
+                      ("reference (docs/protocol.md §7)", ModelConfig.reference())]:
         torch.manual_seed(0)
         model = FlowNP(cfg).to(a.device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -56,7 +56,7 @@ def main() -> None:
         rows[name] = {"params": sum(p.numel() for p in model.parameters()), "step_s": t,
                       "tasks_per_s": a.batch / t, "gflop_per_step": flops / 1e9, "gflop_per_s": flops / t / 1e9,
                       "fraction_of_peak": flops / t / peak}
-    ref = rows["reference (PROTOCOL 2)"]["tasks_per_s"]
+    ref = rows["reference (docs/protocol.md §7)"]["tasks_per_s"]
     for r in rows.values():
         r["speed_vs_reference"] = r["tasks_per_s"] / ref
     print(json.dumps({"device": a.device, "threads": a.threads, "batch": a.batch, "n_ctx": a.n_ctx,

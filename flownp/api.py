@@ -8,12 +8,12 @@
 
 Datasets have one dimension `point` with coordinates `latitude`, `longitude` (degrees north / east,
 -180..180) and data variables `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1] (ERA5 units). Points must lie in
-the disc the model was trained on (`Region.in_circle`, the service's rule too), and a context needs at least
-`Extrapolator.min_context` points, the fewest the model was trained on in any stage (the service's
-`too_few` rule, from `flownp.jobs.finetune.lineage_n_ctx_min`). Conversion to the model's
-space and the log-Jacobian to ERA5 units are the service's (service.convert, through ingest.variables and the
-checkpoint's normaliser), so both answer the same. Log-likelihoods are in nats for the values in ERA5 units
-(a density over Pa, K, m s-1).
+the disc the model was trained on, and a context needs at least `Extrapolator.min_context` points, the
+fewest the model was trained on in any stage. This module is a thin xarray face over `flownp.inference`
+(the loaded model, sampling, log-likelihoods) and `ingest.space.ModelSpace` (every conversion, the region
+and range checks, the circle targets): the service calls the same two, so both answer the same. Domain
+errors are `ingest.space.DomainError` (a ValueError, with the service's 422 code). Log-likelihoods are in
+nats over ERA5 units (a density over Pa, K, m s-1), labelled in their `units` attribute (docs/protocol.md §6).
 """
 
 from __future__ import annotations
@@ -25,96 +25,98 @@ import numpy as np
 import torch
 import xarray as xr
 
-from flownp.jobs.evaluate import parse_solver
-from flownp.jobs.finetune import lineage_n_ctx_min
-from flownp.core.likelihood import log_likelihood
-from flownp.core.sampling import sample
+from flownp import inference
+from flownp.inference import LL_KIND, LL_UNITS, LoadedModel, parse_solver
 from ingest.normalize import Normalizer
 from ingest.region import Region
-from ingest.variables import BY_NAME, NAMES, era5_to_model
-from service import convert
+from ingest.space import DomainError, ModelSpace
+from ingest.variables import BY_NAME, NAMES
+
+__all__ = ["Extrapolator", "calibration", "plot_fields"]
 
 
 class Extrapolator:
-    """A loaded model with its normaliser and region. Shapes inside: context (1, n_ctx, 2|4)."""
+    """A loaded model (`flownp.inference.LoadedModel`: network, ModelSpace, lineage facts) with xarray in
+    and out. Shapes inside: context (1, n_ctx, 2|4)."""
 
-    def __init__(self, model: Any, normalizer: Normalizer, region: Region, meta: dict[str, Any] | None = None,
-                 trained_min_context: int | None = None):
-        self.model, self.normalizer, self.region, self.meta = model.eval(), normalizer, region, meta or {}
-        self._log_jac = convert.log_jacobian(normalizer)  # log |d normalised / d ERA5 units| per point
+    def __init__(self, loaded: LoadedModel, meta: dict[str, Any] | None = None) -> None:
+        self.loaded, self.meta = loaded, meta or {}
+        self.model: Any = loaded.model.eval()
+        self.space: ModelSpace = loaded.space
+        self.normalizer: Normalizer = loaded.normalizer
+        self.region: Region = loaded.region
         # fewest context points accepted: the smallest n_ctx of the model's training lineage (as the service)
-        self.min_context = max(1, trained_min_context or 0)
+        self.min_context = loaded.min_context()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "Extrapolator":
-        from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+        from flownp.checkpoint import load_checkpoint
 
         ck = load_checkpoint(path)
-        return cls(model_from_checkpoint(ck), Normalizer.from_dict(ck["normalizer"]), Region.from_dict(ck["region"]),
-                   {"checkpoint": str(path), "kind": ck.get("kind"), "step": ck.get("step")},
-                   lineage_n_ctx_min(ck))
+        lm = inference.build_model(str(path), ck, None, "checkpoint")
+        return cls(lm, {"checkpoint": str(path), "kind": ck.get("kind"), "step": ck.get("step")})
 
     @classmethod
     def from_default(cls) -> "Extrapolator":
-        """The service's embedded default model (SYNTHETIC: trained on generated GP weather, not ERA5),
-        its sha256 checked against its manifest before loading, as the service does."""
-        from flownp.checkpoint import model_from_checkpoint
-        from service.engine import default_checkpoint  # lazy: the engine pulls in the web stack
-
-        ck, digest, man = default_checkpoint()
-        return cls(model_from_checkpoint(ck), Normalizer.from_dict(ck["normalizer"]), Region.from_dict(ck["region"]),
-                   {"version": man["version"], "synthetic": True, "sha256": digest, "kind": ck.get("kind"),
-                    "step": ck.get("step"), "description": man.get("description")}, lineage_n_ctx_min(ck))
+        """The embedded default model (SYNTHETIC: trained on generated GP weather, not ERA5), its sha256
+        checked against its manifest before loading, as the service does."""
+        lm = inference.default_model()
+        info = lm.info
+        return cls(lm, {"version": lm.version, "synthetic": True, "sha256": info["sha256"], "kind": info["kind"],
+                        "step": info["step"], "description": info.get("description")})
 
     @classmethod
     def from_registry(cls, root: str | Path, version: str | None = None) -> "Extrapolator":
+        """A registry version (default: the current one), read once and checked against its sha256."""
         from flownp.registry import Registry
 
-        reg = Registry(root)
-        ex = cls.from_checkpoint(reg.model_path(version))
-        ex.meta["version"] = version or reg.current()
-        return ex
+        ck, digest, version = Registry(root).load(version)
+        lm = inference.build_model(version, ck, digest, "registry")
+        return cls(lm, {"checkpoint": str(Path(root) / "versions" / version / "model.pt"), "kind": ck.get("kind"),
+                        "step": ck.get("step"), "version": version})
 
-    # ---- conversions (the one place: ERA5 units <-> normalised model space) -------------------
-    def _xy(self, ds: xr.Dataset) -> torch.Tensor:
+    # ---- conversions (all through the ModelSpace) ----------------------------------------------
+    @staticmethod
+    def _latlon(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray]:
         for c in ("latitude", "longitude"):
             if c not in ds.coords and c not in ds:
                 raise ValueError(f"dataset needs a '{c}' coordinate (degrees)")
-        lat, lon = np.asarray(ds["latitude"], float), np.asarray(ds["longitude"], float)
-        if np.any(lon > 180):
-            raise ValueError("longitudes must be in -180..180 degrees east (got 0..360 values)")
-        r = self.region
-        inside = r.in_circle(lat, lon)
-        if not inside.all():
-            raise ValueError(f"{int((~inside).sum())} points lie outside the model's region (the disc within "
-                             f"{r.radius_degrees:g} degrees of {r.centre_lat:g} N, {r.centre_lon:g} E)")
-        return torch.from_numpy(self.region.to_model(lon, lat).astype(np.float32))
+        return np.asarray(ds["latitude"], float), np.asarray(ds["longitude"], float)
+
+    def _xy(self, ds: xr.Dataset) -> torch.Tensor:
+        lat, lon = self._latlon(ds)
+        self.space.check_points(lat, lon, "points")
+        return torch.from_numpy(self.space.xy(lat, lon))
 
     def _check_context_size(self, context: xr.Dataset) -> None:
-        """ValueError when the context has fewer points than the model was trained on (the service's 422
-        too_few): below it the model extrapolates outside its training distribution."""
+        """DomainError (a ValueError) when the context has fewer points than the model was trained on
+        (the service's 422 too_few): below it the model extrapolates outside its training distribution."""
         if "latitude" not in context.coords and "latitude" not in context:
             return  # _xy says what is missing
         n = int(np.asarray(context["latitude"]).size)
         if n < self.min_context:
-            raise ValueError(f"context has {n} point(s); this model needs at least {self.min_context} "
-                             "(the fewest it was trained on)")
+            raise DomainError("too_few", f"context has {n} point(s); this model needs at least {self.min_context} "
+                              "(the fewest it was trained on)")
 
-    def _values(self, ds: xr.Dataset) -> torch.Tensor:
+    def _era5(self, ds: xr.Dataset) -> np.ndarray:
         missing = [n for n in NAMES if n not in ds]
         if missing:
-            raise ValueError(f"dataset lacks variables {missing} (ERA5 short names, ERA5 units)")
+            raise DomainError("missing_variable", f"dataset lacks variables {missing} (ERA5 short names, ERA5 units)")
         era5 = np.stack([np.asarray(ds[n], float) for n in NAMES], -1)
-        model_units = era5_to_model(era5)  # for the range check only
-        for j, n in enumerate(NAMES):
-            lo, hi = BY_NAME[n].plausible
-            if not np.all(np.isfinite(model_units[:, j])) or np.any((model_units[:, j] < lo) | (model_units[:, j] > hi)):
-                raise ValueError(f"{n}: values must be finite and physical in {BY_NAME[n].era5_units}")
-        return torch.from_numpy(convert.era5_to_normalised(era5, self.normalizer))
+        self.space.check_values(era5)
+        return era5
+
+    def _values(self, ds: xr.Dataset) -> torch.Tensor:
+        return torch.from_numpy(self.space.to_normalised(self._era5(ds)))
 
     def _to_era5(self, y: np.ndarray) -> np.ndarray:
         """Normalised (..., 4) -> ERA5 units (..., 4)."""
-        return convert.normalised_to_era5(y, self.normalizer)
+        return self.space.to_era5(y)
+
+    def _task(self, context: xr.Dataset, targets: xr.Dataset, with_values: bool = False) -> inference.Task:
+        self._check_context_size(context)
+        xc, yc, xt = self._xy(context)[None], self._values(context)[None], self._xy(targets)[None]
+        return inference.Task(xc, yc, xt, self._values(targets)[None] if with_values else None)
 
     # ---- datasets ---------------------------------------------------------------------------
     def circle_dataset(self, values_era5: np.ndarray | None = None, index: np.ndarray | None = None) -> xr.Dataset:
@@ -131,13 +133,10 @@ class Extrapolator:
         if isinstance(targets, str):
             if targets != "circle":
                 raise ValueError("targets: a Dataset of points or 'circle'")
-            key = lambda lat, lon: set(zip(np.round(lat, 4).tolist(), np.round(lon, 4).tolist()))  # noqa: E731
-            taken = key(np.asarray(context["latitude"], float), np.asarray(context["longitude"], float))
-            circle = zip(np.round(self.region.circle_lat, 4).tolist(), np.round(self.region.circle_lon, 4).tolist())
-            rest = np.array([i for i, p in enumerate(circle) if p not in taken], dtype=int)
-            if rest.size == 0:
-                raise ValueError("the context covers every circle point: no 'circle' targets are left")
-            return self.circle_dataset(index=rest)
+            lat, lon = self.space.circle_targets(*self._latlon(context))
+            if lat.size == 0:
+                raise DomainError("too_few", "the context covers every circle point: no 'circle' targets are left")
+            return xr.Dataset(coords={"latitude": ("point", lat), "longitude": ("point", lon)})
         return targets
 
     # ---- inference --------------------------------------------------------------------------
@@ -146,37 +145,37 @@ class Extrapolator:
                     solver: str = "euler:16", seed: int = 0, with_log_likelihood: bool = True,
                     ll_solver: str = "midpoint:50") -> xr.Dataset:
         """Samples (sample, point) of the four variables at the targets, in ERA5 units, with each sample's
-        joint log-likelihood given the context."""
+        joint log-likelihood given the context (nats over ERA5 units: its `units` attribute)."""
         self._check_context_size(context)
         tg = self._targets(context, targets)
-        xc, yc, xt = self._xy(context)[None], self._values(context)[None], self._xy(tg)[None]
-        smp = sample(self.model, xc, yc, xt, n_samples=num_samples, solver=parse_solver(solver),
-                     generator=torch.Generator().manual_seed(seed)).samples[0]  # (S, n, 4)
+        task = self._task(context, tg)
+        res = inference.extrapolate(self.loaded, task, num_samples=num_samples, solver=parse_solver(solver),
+                                    seed=seed, with_ll=with_log_likelihood, ll_solver=parse_solver(ll_solver),
+                                    estimator="auto")
         out = tg[["latitude", "longitude"]].copy()
-        era5 = self._to_era5(smp.numpy())
         for j, n in enumerate(NAMES):
-            out[n] = (("sample", "point"), era5[..., j], {"units": BY_NAME[n].era5_units})
+            out[n] = (("sample", "point"), res["samples"][..., j], {"units": BY_NAME[n].era5_units})
         if with_log_likelihood:
-            ll = log_likelihood(self.model, xc.expand(num_samples, -1, -1), yc.expand(num_samples, -1, -1),
-                                xt.expand(num_samples, -1, -1), smp, solver=parse_solver(ll_solver), estimator="auto")
-            out["log_likelihood"] = ("sample", ll.joint.numpy() + xt.shape[1] * self._log_jac,
-                                     {"units": "nats", "estimator": ll.estimator, "solver": ll.solver})
-        out.attrs.update({"sampler": solver, "seed": seed, "n_context": int(xc.shape[1]),
+            ll = res["ll"]
+            out["log_likelihood"] = ("sample", ll["joint"], {"units": "nats", "density_units": LL_UNITS,
+                                                             "kind": LL_KIND, "estimator": ll["estimator"],
+                                                             "solver": ll["solver"]})
+        out.attrs.update({"sampler": solver, "seed": seed, "n_context": int(task.xc.shape[1]),
                           "model": str(self.meta.get("version") or self.meta.get("checkpoint", ""))})
         return out
 
     def log_likelihood(self, context: xr.Dataset, observed: xr.Dataset, *, solver: str = "midpoint:100",
                        estimator: str = "auto", n_probes: int = 1) -> xr.Dataset:
-        """Joint log-likelihood (nats, ERA5 units) of observed values at their points given the context."""
-        self._check_context_size(context)
-        xc, yc = self._xy(context)[None], self._values(context)[None]
-        xt, yt = self._xy(observed)[None], self._values(observed)[None]
-        res = log_likelihood(self.model, xc, yc, xt, yt, solver=parse_solver(solver), estimator=estimator,
-                             n_probes=n_probes)
-        joint = float(res.joint[0]) + xt.shape[1] * self._log_jac
-        return xr.Dataset({"log_likelihood": ((), joint, {"units": "nats"}),
-                           "log_likelihood_per_point": ((), joint / xt.shape[1], {"units": "nats"})},
-                          attrs={"estimator": res.estimator, "solver": res.solver, "n_probes": res.n_probes})
+        """Joint log-likelihood (nats over ERA5 units) of observed values at their points given the context."""
+        task = self._task(context, observed, with_values=True)
+        res = inference.log_likelihood(self.loaded, task, solver=parse_solver(solver), estimator=estimator,
+                                       n_probes=n_probes)
+        joint, n = res["joint"], res["n_targets"]
+        attrs = {"units": "nats", "density_units": LL_UNITS}
+        return xr.Dataset({"log_likelihood": ((), joint, {**attrs, "kind": LL_KIND}),
+                           "log_likelihood_per_point": ((), joint / n, attrs)},
+                          attrs={"estimator": res["estimator"], "solver": res["solver"], "n_probes": res["n_probes"],
+                                 "units": LL_UNITS})
 
 
 def plot_fields(out: xr.Dataset, truth: xr.Dataset | None = None, context: xr.Dataset | None = None,

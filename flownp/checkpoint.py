@@ -3,10 +3,14 @@
 Contents: kind, format version, model config (dict), weights, EMA weights, optimizer and scheduler
 state, step, train config (dict), normaliser (dict), region (dict), the store manifest's sha256,
 versions (package, torch), and free-form `extra` (e.g. the base checkpoint of a fine-tune).
+`load_verified` is the one verified load (read once, sha256, then weights_only=True of those bytes);
+`lineage_n_ctx_min` the one reader of a checkpoint's training-lineage context minimum.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,10 @@ from flownp.core.model import FlowNP
 
 FORMAT = "flownp-weather-checkpoint"
 FORMAT_VERSION = 1
+
+
+class LoadError(RuntimeError):
+    """A configured model could not be loaded (missing file, sha256 mismatch, foreign file)."""
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -80,3 +88,29 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True) -> FlowNP:
     state = ckpt.get("ema") if ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(state)
     return model.eval()
+
+
+def load_verified(path: str | Path, sha256: str, what: str) -> tuple[dict[str, Any], str]:
+    """(checkpoint, sha256): read the file once, check its sha256 against the recorded one, then torch.load
+    (weights_only=True) those same bytes. LoadError (naming `what`, never the path) on any failure."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise LoadError(f"{what}: cannot read the checkpoint ({exc.strerror})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256.strip().lower():
+        raise LoadError(f"{what}: sha256 mismatch (file {digest[:12]}..., manifest {sha256[:12]}...)")
+    try:
+        return load_checkpoint(io.BytesIO(data)), digest
+    except Exception as exc:  # foreign or corrupt file
+        raise LoadError(f"{what}: not a loadable checkpoint ({type(exc).__name__})") from None
+
+
+def lineage_n_ctx_min(ck: dict[str, Any]) -> int | None:
+    """The fewest context points any stage of a checkpoint's training lineage was trained on: its own
+    `task_config.n_ctx_min` and, for a fine-tune, `trained_n_ctx_min` (the minimum over its base's lineage,
+    recorded by `FineTuner.payload`). A model fine-tuned on n_ctx 950-1000 from a base pretrained on
+    50-1000 has 50. None when the checkpoint records neither (older checkpoints)."""
+    vals = ((ck.get("task_config") or {}).get("n_ctx_min"), ck.get("trained_n_ctx_min"))
+    ok = [int(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+    return min(ok) if ok else None

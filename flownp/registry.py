@@ -62,6 +62,26 @@ class Registry:
             raise RegistryError(f"{self.root}: CURRENT names {name!r}, which is not a version here")
         return name
 
+    def exists(self) -> bool:
+        """Whether ROOT holds a registry (a versions/ directory or a CURRENT file)."""
+        return self.versions_dir.is_dir() or (self.root / "CURRENT").is_file()
+
+    def model_sha256(self, version: str) -> str:
+        """The sha256 the manifest records for `version`'s model.pt."""
+        return self.manifest(version)["files"]["model.pt"]
+
+    def load(self, version: str | None = None) -> tuple[dict[str, Any], str, str]:
+        """(checkpoint, sha256, version) of `version` (default: the current one): one read, checked
+        against the manifest's sha256, loaded with weights_only=True (`flownp.checkpoint.load_verified`)."""
+        from flownp.checkpoint import load_verified
+
+        version = version or self.current()
+        if version is None:
+            raise RegistryError(f"{self.root}: no current model (nothing promoted yet)")
+        ck, digest = load_verified(self._dir(version) / "model.pt", self.model_sha256(version),
+                                   f"registry version {version}")
+        return ck, digest, version
+
     def manifest(self, version: str) -> dict[str, Any]:
         path = self._dir(version) / "manifest.json"
         return json.loads(path.read_text())
@@ -73,7 +93,7 @@ class Registry:
             raise RegistryError(f"{self.root}: no current model (nothing promoted yet)")
         path = self._dir(version) / "model.pt"
         if verify:
-            want = self.manifest(version)["files"]["model.pt"]
+            want = self.model_sha256(version)
             if sha256_file(path) != want:
                 raise RegistryError(f"version {version}: model.pt does not match its manifest's sha256")
         return path

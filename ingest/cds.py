@@ -18,21 +18,19 @@ September 2024.
 
 from __future__ import annotations
 
-import calendar
 import glob
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -41,7 +39,9 @@ import typer
 import xarray as xr
 from tqdm import tqdm
 
+from ingest.configs import DictConfig
 from ingest.io import atomic_path, sha256_file, write_json_atomic
+from ingest.parsing import parse_int_list, valid_times
 from ingest.layout import LayoutError, canonicalize
 from ingest.region import MEMPHIS
 from ingest.variables import CDS_NAMES, resolve_alias
@@ -86,8 +86,10 @@ class VerificationError(ValueError):
 
 # ---- configuration ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DownloadConfig:
+class DownloadConfig(DictConfig):
     """What to request and how hard to try. Times are UTC hours; backoff and sleeps in seconds."""
+
+    STRICT_KEYS: ClassVar[bool] = True  # a download config is written by hand: a typo is an error
 
     dataset: str = "reanalysis-era5-single-levels"
     product_type: str = "reanalysis"
@@ -130,17 +132,6 @@ class DownloadConfig:
         if self.backoff_base_s < 0 or self.backoff_max_s < 0 or self.client_sleep_max_s < 0:
             raise ValueError("backoff and sleep times must be >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DownloadConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DownloadConfig field(s): {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -186,15 +177,8 @@ def plan_requests(cfg: DownloadConfig) -> list[PlannedRequest]:
 
 def requested_times(request: dict[str, Any]) -> pd.DatetimeIndex:
     """Sorted valid datetimes (UTC) of a request: every (year, month, day, hour) that exists."""
-    hours = sorted({int(str(t).split(":")[0]) for t in request["time"]})
-    stamps = []
-    for y in sorted({int(v) for v in request["year"]}):
-        for m in sorted({int(v) for v in request["month"]}):
-            n_days = calendar.monthrange(y, m)[1]
-            for d in sorted({int(v) for v in request["day"]}):
-                if d <= n_days:
-                    stamps.extend(datetime(y, m, d, h) for h in hours)
-    return pd.DatetimeIndex(stamps)
+    return pd.DatetimeIndex(valid_times(request["year"], request["month"], request["day"],
+                                        (int(str(t).split(":")[0]) for t in request["time"])))
 
 
 def backoff_delay(cfg: DownloadConfig, retry: int) -> float:
@@ -591,24 +575,6 @@ def download_era5(cfg: DownloadConfig, out_dir: str | os.PathLike, *, client_fac
 class Per(str, Enum):
     year = "year"
     month = "month"
-
-
-def parse_int_list(text: str, *, name: str = "value") -> tuple[int, ...]:
-    """'1986-2017', '1990,1991', '0-23', '00:00,12:00' or a mix -> sorted unique ints."""
-    out: set[int] = set()
-    for token in (t.strip() for t in text.split(",")):
-        if not token:
-            continue
-        m = re.fullmatch(r"(\d+)(?::00)?\s*(?:-\s*(\d+)(?::00)?)?", token)
-        if m is None:
-            raise ValueError(f"cannot read {name} {token!r} (use e.g. '1986-2017' or '1990,1991')")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ValueError(f"empty {name} range {token!r}")
-        out.update(range(lo, hi + 1))
-    if not out:
-        raise ValueError(f"no {name} given")
-    return tuple(sorted(out))
 
 
 def download_cli(

@@ -10,6 +10,7 @@ import typer
 
 from ingest.build import BuildSettings, StoreError, build_store
 from ingest.layout import LayoutError
+from ingest.parsing import parse_range
 from ingest.store import Store
 
 app = typer.Typer(help="ERA5 ingest for flownp-weather.", no_args_is_help=True, add_completion=False)
@@ -80,10 +81,10 @@ def eval_set(
 
     try:
         s = Store.open(store)
-        lo, _, hi = n_ctx.partition("-")
+        lo, hi = parse_range(n_ctx)
         times, _ = s.load(split, normalized=False)
-        es = make_eval_set(times, s.region.n_points, split=split, n_tasks=n_tasks, n_ctx_min=int(lo),
-                           n_ctx_max=int(hi or lo), n_tgt=n_tgt, seed=seed,
+        es = make_eval_set(times, s.region.n_points, split=split, n_tasks=n_tasks, n_ctx_min=lo,
+                           n_ctx_max=hi, n_tgt=n_tgt, seed=seed,
                            extra={"store_manifest_sha256": s.manifest_sha256})
         save_eval_set(es, out)
     except (StoreError, ValueError) as exc:
@@ -104,8 +105,8 @@ def demo(
     from ingest.synthetic import GPWeather, synthesize
     from ingest.tasks import make_eval_set, save_eval_set
 
-    lo, _, hi = days.partition("-")
-    raw = synthesize(out / "raw", [1986, 1988, 1989], days=range(int(lo), int(hi or lo) + 1), seed=seed)
+    lo, hi = parse_range(days)
+    raw = synthesize(out / "raw", [1986, 1988, 1989], days=range(lo, hi + 1), seed=seed)
     build_store(raw, out / "store", progress=True)
     inspect(out / "store", as_json=False)
     s = Store.open(out / "store")

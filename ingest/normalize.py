@@ -3,7 +3,7 @@
 `normalised = (physical - mean) / std`, per variable, with the method stored per variable:
 - "standard": mean and std of the variable over the train years (surface pressure, temperature);
 - "scale":    mean 0 and std = mean 10 m wind speed over the train years (u10, v10: winds are scaled,
-              not centred; PROTOCOL 1.4).
+              not centred; docs/protocol.md §4).
 Statistics are accumulated exactly in float64 (shifted sums) so stores can be built incrementally.
 A log-density in normalised units converts to physical units by subtracting sum(log std) per point.
 """

@@ -1,6 +1,6 @@
 """The Memphis region: the 41x41 0.25-degree grid, its 1245-point circle and model coordinates.
 
-Conventions (PROTOCOL 1.3):
+Conventions (docs/protocol.md §3):
 - grid index (i_lat, i_lon), latitudes ascending (i_lat = 0 is the southern edge, 30 N), longitudes
   ascending in -180..180 (i_lon = 0 is 96 W);
 - the circle holds the points whose index distance from the centre index (20, 20) is < 20, in

@@ -1,4 +1,4 @@
-"""The year split (PROTOCOL 1.2): for i = 1986, 1990, ..., 2014: train {i, i+1}, valid {i+2}, test {i+3}.
+"""The year split (docs/protocol.md §2): for i = 1986, 1990, ..., 2014: train {i, i+1}, valid {i+2}, test {i+3}.
 
 Maps are hourly snapshots; a map belongs to the split of its calendar year (December with its own year).
 """

@@ -34,7 +34,6 @@ variable v of the k-th point asked for, i.e. the order of `values.reshape(-1)` f
 
 from __future__ import annotations
 
-import calendar
 import json
 import math
 import time as _time
@@ -48,6 +47,7 @@ import typer
 from scipy import linalg as sla
 
 from ingest.io import atomic_path, sha256_file, write_json_atomic
+from ingest.parsing import parse_int_list, valid_times
 from ingest.normalize import Normalizer
 from ingest.region import MEMPHIS, Region
 from ingest.variables import NAMES, VARIABLES, model_to_era5
@@ -680,20 +680,15 @@ def season_times(year: int, months: Iterable[int] = (1, 2, 12), days: Iterable[i
     hs = sorted({int(h) for h in hours})
     if any(h < 0 or h > 23 for h in hs):
         raise ValueError("hours must be in 0..23")
-    out = []
-    for m in sorted({int(m) for m in months}):
+    ms = sorted({int(m) for m in months})
+    for m in ms:
         if not 1 <= m <= 12:
             raise ValueError(f"month {m} is not in 1..12")
-        ndays = calendar.monthrange(int(year), m)[1]
-        ds = range(1, ndays + 1) if days is None else sorted({int(d) for d in days})
-        for d in ds:
-            if not 1 <= d <= 31:
-                raise ValueError(f"day {d} is not in 1..31")
-            if d > ndays:
-                continue
-            for h in hs:
-                out.append(np.datetime64(f"{int(year):04d}-{m:02d}-{d:02d}T{h:02d}:00", "ns"))
-    return np.array(out, dtype="datetime64[ns]")
+    ds = None if days is None else sorted({int(d) for d in days})
+    for d in ds or ():
+        if not 1 <= d <= 31:
+            raise ValueError(f"day {d} is not in 1..31")
+    return np.array(valid_times([year], ms, ds, hs), dtype="datetime64[ns]")
 
 
 def year_seed(seed: int, year: int) -> np.random.SeedSequence:
@@ -768,25 +763,6 @@ def synthesize(out_dir: str | Path, years: Iterable[int], *, months: Iterable[in
 # ==================================================================================================
 # command line (registered by ingest.cli as `flownp-ingest synthesize`)
 # ==================================================================================================
-def parse_int_list(text: str) -> list[int]:
-    """'1986,1988-1990' -> [1986, 1988, 1989, 1990] (sorted, unique; non-negative). Raises ValueError."""
-    out: set[int] = set()
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            lo, hi = int(a), int(b)
-            if hi < lo:
-                raise ValueError(f"empty range {part!r}")
-            out.update(range(lo, hi + 1))
-        else:
-            out.add(int(part))
-    if not out:
-        raise ValueError(f"no integers in {text!r}")
-    return sorted(out)
-
-
 def synthesize_cli(
     out: Annotated[Path, typer.Option("--out", help="Output directory for era5_memphis_{year}.nc.")],
     years: Annotated[str, typer.Option("--years", help="Years, e.g. '1986,1988-1989'.")] = "1986-2017",

@@ -1,4 +1,4 @@
-"""Context/target tasks (PROTOCOL 1.5) and frozen evaluation sets.
+"""Context/target tasks (docs/protocol.md §5) and frozen evaluation sets.
 
 For each map: a random permutation of the P circle points; context = the first n_ctx, targets = the
 rest (or the first n_tgt of the rest); all four variables in both. Every task of a batch shares n_ctx

@@ -1,6 +1,6 @@
 """The four ERA5 variables: names, aliases, units and the one conversion ERA5 units <-> model units.
 
-Model order and units (PROTOCOL 1.4): surface pressure [kPa], 2 m temperature [degC], 10 m u wind
+Model order and units (docs/protocol.md §4): surface pressure [kPa], 2 m temperature [degC], 10 m u wind
 (eastward) [m/s], 10 m v wind (northward) [m/s]. Variables are always selected by name, never by
 position.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds the service's embedded default model (service/models/default.pt + default.json) with the
+# Rebuilds the embedded default model (flownp/models/default.pt + default.json) with the
 # project's own commands: synthetic GP weather -> store -> a small FlowNP pretrained on CPU.
 # SYNTHETIC: trained on generated GP weather, not on ERA5; it demonstrates the service, nothing more.
 # Usage: bash scripts/build_default_model.sh [WORKDIR]   (a few minutes of CPU; WORKDIR is scratch)
@@ -14,5 +14,5 @@ mkdir -p "$WORK"
 "$BIN/flownp" pretrain --data "$WORK/store" --out "$WORK/run" --steps "$STEPS" --batch-size 8 --lr 2e-3 \
     --warmup 20 --n-ctx 50-1000 --n-tgt 128 --d-model 32 --n-layers 4 --targets joint --seed 0 \
     --ckpt-every "$STEPS" --quiet
-"$BIN/python" -m service.default_model pack "$WORK/run/best.pt" --out "$ROOT/service/models" \
+"$BIN/python" -m flownp.default_model pack "$WORK/run/best.pt" --out "$ROOT/flownp/models" \
     --recipe "scripts/build_default_model.sh (STEPS=$STEPS)"

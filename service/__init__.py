@@ -1,8 +1,12 @@
 """The extrapolation service (FastAPI): `service.app.create_app`, run by `flownp-serve`.
 
-Modules: settings (FLOWNP_* environment), schemas (requests), convert (API units <-> model space through
-ingest), engine (verified model loading, worker pool, limits), responses (JSON / CF netCDF), http (body,
-auth, metrics middleware), metrics, default_model (the embedded synthetic model), client (httpx -> xarray).
+Modules: settings (FLOWNP_* environment), schemas (requests), deps (route dependencies), routes/ (one
+router per resource: ops, models, inference), engine (model loading from the configured sources, worker
+pool, admission, deadlines, registry watch), responses (JSON / CF netCDF), http (body, auth, metrics
+middleware), errors, metrics, client (httpx -> xarray). Conversions and inference are the library's
+(`ingest.space`, `flownp.inference`); the service never imports training code.
 """
 
-__version__ = "0.1.0"
+from ingest import __version__
+
+__all__ = ["__version__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +18,16 @@ def main(argv: list[str] | None = None) -> None:
 
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
                 log_level=args.log_level, access_log=False)
+
+
+def stop(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+    """Stop a server process started with `flownp-serve` (tests, benchmarks): SIGTERM, then SIGKILL if it
+    has not exited within `wait_s`."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 if __name__ == "__main__":

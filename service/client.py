@@ -2,7 +2,7 @@
 
     from service.client import Client
     with Client("http://127.0.0.1:8000") as c:                 # api_key="..." when the server wants one
-        ctx = c.circle(values=None, index=range(0, 1245, 3))   # or any Dataset with latitude/longitude
+        ctx = c.circle(index=range(0, 1245, 3))             # or any Dataset with latitude/longitude
         ...                                                     # fill ctx["sp"], ["t2m"], ["u10"], ["v10"]
         out = c.extrapolate(ctx, targets="circle", num_samples=8, seed=0)   # xarray.Dataset
         out.t2m.mean("sample"); out.log_likelihood

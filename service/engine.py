@@ -1,4 +1,6 @@
-"""The engine: verified model loading, and model work run off the event loop with limits.
+"""The engine: the configured models (registry through `flownp.registry.Registry`, a checkpoint, else the
+embedded default; each loaded by `flownp.checkpoint.load_verified` and built by `flownp.inference`), and
+model work (`flownp.inference.extrapolate` / `log_likelihood`) run off the event loop with limits.
 
 Concurrency: a thread pool of `workers` threads (torch releases the GIL inside its kernels, and uses its
 own intra-op threads within each job) behind an admission counter: at most workers + max_queue jobs are
@@ -19,15 +21,13 @@ single tests here by up to 50x (4 s -> 219 s) while two trainings shared the 2 c
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
 import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -35,24 +35,21 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from flownp.checkpoint import load_checkpoint, model_from_checkpoint
-from flownp.jobs.finetune import lineage_n_ctx_min
-from flownp.core.likelihood import log_likelihood
-from flownp.core.sampling import sample
+from flownp.checkpoint import LoadError, load_verified
 from flownp.core.solvers import SolverConfig
-from ingest.normalize import Normalizer
-from ingest.region import Region
-from ingest.variables import BY_NAME, NAMES
-from service import convert, default_model
+from flownp.inference import (LoadedModel, Task, build_model, default_model, extrapolate, log_likelihood,
+                              resolve_estimator as _resolve_estimator)
+from flownp.inference import task as make_task
+from ingest.space import DomainError
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.settings import Settings
 
+__all__ = ["DeadlineExceeded", "Engine", "LoadError", "LoadedModel", "Served", "Task", "check_context_size",
+           "load_models", "open_registry", "registry_state", "resolve_estimator", "run_extrapolate",
+           "run_log_likelihood", "watch_registry"]
+
 log = logging.getLogger("flownp.service")
-
-
-class LoadError(RuntimeError):
-    """A configured model could not be loaded (missing file, sha256 mismatch, foreign file)."""
 
 
 class DeadlineExceeded(Exception):
@@ -60,89 +57,18 @@ class DeadlineExceeded(Exception):
 
 
 # ---- models ---------------------------------------------------------------------------------------
-@dataclass
-class LoadedModel:
-    """A served model: the network, the normaliser and region it was trained with, and its manifest."""
-
-    version: str
-    model: Any
-    normalizer: Normalizer
-    region: Region
-    info: dict[str, Any]
-    trained_min_context: int | None = None  # the smallest n_ctx over its training lineage, if the checkpoint says
-    log_jac: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_jac = convert.log_jacobian(self.normalizer)
-
-    @property
-    def independent(self) -> bool:
-        return getattr(self.model.config, "targets", "joint") == "independent"
-
-    def min_context(self, settings: Settings) -> int:
-        """Fewest context points a request may send: the setting, raised to the smallest context the
-        model was trained on in any stage (pretraining, fine-tuning; `flownp.jobs.finetune.lineage_n_ctx_min`):
-        below it the model extrapolates outside its training distribution."""
-        return max(settings.min_context, self.trained_min_context or 0)
+def domain_error(exc: DomainError) -> ApiError:
+    """A ModelSpace / inference domain error as the API's 422 with the same code."""
+    return ApiError(422, exc.code, exc.message)
 
 
 def check_context_size(lm: LoadedModel, n_ctx: int, settings: Settings) -> None:
-    """422 too_few when the context is smaller than this model's minimum (`LoadedModel.min_context`)."""
-    need = lm.min_context(settings)
-    if n_ctx < need:
-        raise ApiError(422, "too_few", f"context has {n_ctx} point(s); model {lm.version} needs at least {need} "
-                       "(the fewest it was trained on)")
-
-
-def _verified_checkpoint(path: Path, sha256: str, what: str) -> tuple[dict[str, Any], str]:
-    """Read the file once, check its sha256, then torch.load (weights_only=True) those same bytes."""
+    """422 too_few when the context is smaller than this model's minimum (`LoadedModel.min_context`,
+    raised to the setting FLOWNP_MIN_CONTEXT)."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise LoadError(f"{what}: cannot read the checkpoint ({exc.strerror})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256.strip().lower():
-        raise LoadError(f"{what}: sha256 mismatch (file {digest[:12]}..., manifest {sha256[:12]}...)")
-    try:
-        return load_checkpoint(io.BytesIO(data)), digest
-    except Exception as exc:  # foreign or corrupt file
-        raise LoadError(f"{what}: not a loadable checkpoint ({type(exc).__name__})") from None
-
-
-def default_checkpoint() -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """(checkpoint, sha256, manifest) of the embedded default model, verified against its manifest
-    (the service's fallback, and flownp.api.Extrapolator.from_default)."""
-    ckpt, _ = default_model.default_paths()
-    man = default_model.read_manifest()
-    ck, digest = _verified_checkpoint(ckpt, man["sha256"], "embedded default model")
-    return ck, digest, man
-
-
-def _build(version: str, ck: dict[str, Any], digest: str, source: str, extra: dict[str, Any]) -> LoadedModel:
-    model = model_from_checkpoint(ck)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    region = Region.from_dict(ck["region"])
-    normalizer = Normalizer.from_dict(ck["normalizer"])
-    cfg = ck["model_config"]
-    independent = cfg.get("targets") == "independent"
-    trained_min = lineage_n_ctx_min(ck)  # a fine-tune's base may have been trained on smaller contexts
-    info = {
-        "version": version, "source": source, "sha256": digest, "kind": ck.get("kind"), "step": ck.get("step"),
-        "synthetic": bool(extra.pop("synthetic", False)), "model_config": cfg,
-        "gav": ck.get("gav_config") is not None,
-        "n_parameters": int(sum(p.numel() for p in model.parameters())),
-        "log_likelihood": {"auto": "exact-blocks" if independent else "hutchinson",
-                           "exact": "exact-blocks" if independent else "exact-full (small target sets)"},
-        "variables": {n: {"units": BY_NAME[n].era5_units, "long_name": BY_NAME[n].long_name} for n in NAMES},
-        "normalizer": normalizer.to_dict(),
-        "region": {"name": region.name, "centre_latitude": region.centre_lat, "centre_longitude": region.centre_lon,
-                   "radius_degrees": region.radius_degrees,
-                   "circle_points": region.n_points, "bounds": region.bounds},
-        "trained_min_context": trained_min,
-        "store_manifest_sha256": ck.get("store_manifest_sha256"), "versions": ck.get("versions"), **extra,
-    }
-    return LoadedModel(version, model, normalizer, region, info, trained_min)
+        lm.check_context_size(n_ctx, settings.min_context)
+    except DomainError as exc:
+        raise domain_error(exc) from None
 
 
 # what a new, empty volume may hold before the first `flownp retrain` writes to it
@@ -164,7 +90,7 @@ def open_registry(settings: Settings) -> Any:
     if not root.is_dir():
         raise LoadError("registry (FLOWNP_REGISTRY): the path is not a directory")
     reg = Registry(root)
-    if not (reg.versions_dir.is_dir() or (root / "CURRENT").is_file()):
+    if not reg.exists():
         try:
             other = sorted(p.name for p in root.iterdir()
                            if not p.name.startswith(".") and p.name not in _EMPTY_VOLUME_ENTRIES)
@@ -208,9 +134,9 @@ def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any,
                         "configured checkpoint" if settings.checkpoint is not None else "embedded default model")
         for v in names:
             man = reg.manifest(v)
-            ck, digest = _verified_checkpoint(reg.versions_dir / v / "model.pt", man["files"]["model.pt"],
-                                              f"registry version {v}")
-            out[v] = _build(v, ck, digest, "registry", {"current": v == current, "metrics": man.get("metrics"),
+            ck, digest = load_verified(reg.model_path(v, verify=False), reg.model_sha256(v),
+                                       f"registry version {v}")
+            out[v] = build_model(v, ck, digest, "registry", {"current": v == current, "metrics": man.get("metrics"),
                                                          "created": man.get("created")})
     if settings.checkpoint is not None:
         path = settings.checkpoint
@@ -222,101 +148,49 @@ def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any,
             raise LoadError("checkpoint: no recorded sha256; set FLOWNP_CHECKPOINT_SHA256 or write "
                             "<checkpoint>.sha256 (sha256sum output)")
         version = settings.checkpoint_version or path.stem
-        ck, digest = _verified_checkpoint(path, sha, f"checkpoint {version}")
-        out[version] = _build(version, ck, digest, "checkpoint", {})
+        ck, digest = load_verified(path, sha, f"checkpoint {version}")
+        out[version] = build_model(version, ck, digest, "checkpoint", {})
     if not out:
-        ck, digest, man = default_checkpoint()
-        extra = {k: man.get(k) for k in ("description", "recipe", "trained_on")}
-        out[man["version"]] = _build(man["version"], ck, digest, "embedded", {**extra, "synthetic": True})
+        lm = default_model()
+        out[lm.version] = lm
     return out, marker
 
 
-# ---- deadline-aware model view ----------------------------------------------------------------------
-class _Watched:
-    """The model as flownp.core.sampling / flownp.core.likelihood see it, checking the deadline at every velocity
-    evaluation (so a late job stops within one solver step)."""
+# ---- the work (flownp.inference, with the deadline checked at every velocity evaluation) ------------
+class Deadline:
+    """A check for flownp.inference (called at every velocity evaluation): DeadlineExceeded past `at`
+    (time.monotonic seconds), so a late job stops within one solver step."""
 
-    def __init__(self, model: Any, deadline: float) -> None:
-        self._m, self._deadline = model, deadline
+    def __init__(self, at: float) -> None:
+        self.at = at
 
-    def _check(self) -> None:
-        if time.monotonic() > self._deadline:
+    def __call__(self) -> None:
+        if time.monotonic() > self.at:
             raise DeadlineExceeded
-
-    @property
-    def config(self) -> Any:
-        return self._m.config
-
-    def encode_context(self, *a: Any, **kw: Any) -> Any:
-        self._check()
-        return self._m.encode_context(*a, **kw)
-
-    def velocity(self, *a: Any, **kw: Any) -> Any:
-        self._check()
-        return self._m.velocity(*a, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._m, name)
-        if name == "base" and hasattr(attr, "velocity"):  # a GAV model's likelihood calls its base directly
-            return _Watched(attr, self._deadline)
-        return attr
-
-
-# ---- the work ------------------------------------------------------------------------------------
-@dataclass
-class Task:
-    """One request's model inputs: context (1, n_ctx, 2|4) and targets (1, n_tgt, 2), normalised."""
-
-    xc: torch.Tensor
-    yc: torch.Tensor
-    xt: torch.Tensor
-    yt: torch.Tensor | None = None
 
 
 def resolve_estimator(lm: LoadedModel, estimator: str, n_tgt: int, settings: Settings) -> str:
-    """'auto' | 'exact' | 'hutchinson' -> what flownp.core.likelihood will use; exact-full is size-capped."""
-    if estimator == "hutchinson" or (estimator == "auto" and not lm.independent):
-        return "hutchinson"
-    if lm.independent:
-        return "exact-blocks"
-    if n_tgt > settings.max_exact_full_targets:
-        raise ApiError(422, "too_many", f"the exact trace of this joint-target model costs one backward pass "
-                       f"per target value; at most {settings.max_exact_full_targets} targets (got {n_tgt}); "
-                       "use estimator 'hutchinson' or 'auto'")
-    return "exact-full"
+    """'auto' | 'exact' | 'hutchinson' -> what flownp.core.likelihood will use; exact-full is size-capped
+    (422 too_many beyond FLOWNP_MAX_EXACT_FULL_TARGETS)."""
+    try:
+        return _resolve_estimator(lm.independent, estimator, n_tgt, settings.max_exact_full_targets)
+    except DomainError as exc:
+        raise domain_error(exc) from None
 
 
 def run_extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: SolverConfig, seed: int,
                     with_ll: bool, ll_solver: SolverConfig, estimator: str, n_probes: int,
                     deadline: float) -> dict[str, Any]:
-    """Samples (S, n_tgt, 4) in ERA5 units and, if asked, each sample's joint log-likelihood [nats, ERA5
-    units] with its estimator. Runs in a worker thread."""
-    m = _Watched(lm.model, deadline)
-    gen = torch.Generator().manual_seed(seed)
-    res = sample(m, task.xc, task.yc, task.xt, n_samples=num_samples, solver=solver, generator=gen)
-    smp = res.samples[0]  # (S, n, 4) normalised
-    out: dict[str, Any] = {"samples": convert.normalised_to_era5(smp.numpy(), lm.normalizer), "nfe": res.nfe}
-    if with_ll:
-        s, n = num_samples, task.xt.shape[1]
-        ll = log_likelihood(m, task.xc.expand(s, -1, -1), task.yc.expand(s, -1, -1), task.xt.expand(s, -1, -1),
-                            smp, solver=ll_solver, estimator=estimator, n_probes=n_probes, seed=seed)
-        out["ll"] = {"joint": (ll.joint.numpy().astype(np.float64) + n * lm.log_jac),
-                     "joint_normalised": ll.joint.numpy().astype(np.float64),
-                     "spread": None if ll.spread is None else ll.spread.numpy().astype(np.float64),
-                     "estimator": ll.estimator, "n_probes": ll.n_probes, "nfe": ll.nfe}
-    return out
+    """`flownp.inference.extrapolate` before `deadline`. Runs in a worker thread."""
+    return extrapolate(lm, task, num_samples=num_samples, solver=solver, seed=seed, with_ll=with_ll,
+                       ll_solver=ll_solver, estimator=estimator, n_probes=n_probes, check=Deadline(deadline))
 
 
 def run_log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, estimator: str, n_probes: int,
                        seed: int, deadline: float) -> dict[str, Any]:
-    """Joint log p(yt | xt, context) [nats] in ERA5 units and normalised units. Runs in a worker thread."""
-    m = _Watched(lm.model, deadline)
-    ll = log_likelihood(m, task.xc, task.yc, task.xt, task.yt, solver=solver, estimator=estimator,
-                        n_probes=n_probes, seed=seed)
-    n = task.xt.shape[1]
-    return {"joint": float(ll.joint[0]) + n * lm.log_jac, "joint_normalised": float(ll.joint[0]),
-            "spread": None if ll.spread is None else float(ll.spread[0]), "estimator": ll.estimator,
-            "n_probes": ll.n_probes, "nfe": ll.nfe, "n_targets": n}
+    """`flownp.inference.log_likelihood` before `deadline`. Runs in a worker thread."""
+    return log_likelihood(lm, task, solver=solver, estimator=estimator, n_probes=n_probes, seed=seed,
+                          check=Deadline(deadline))
 
 
 # ---- the engine ------------------------------------------------------------------------------------
@@ -417,10 +291,8 @@ class Engine:
     def warm_up(self, lm: LoadedModel) -> None:
         """One small job through the same code path (first calls allocate and pick kernels)."""
         r = lm.region
-        vals = convert.normalised_to_era5(np.zeros((64, 4)), lm.normalizer)
-        task = Task(torch.from_numpy(convert.xy(r, r.circle_lat[:64], r.circle_lon[:64]))[None],
-                    torch.from_numpy(convert.era5_to_normalised(vals, lm.normalizer))[None],
-                    torch.from_numpy(convert.xy(r, r.circle_lat[-16:], r.circle_lon[-16:]))[None])
+        vals = lm.space.to_era5(np.zeros((64, 4)))
+        task = make_task(lm.space, r.circle_lat[:64], r.circle_lon[:64], vals, r.circle_lat[-16:], r.circle_lon[-16:])
         run_extrapolate(lm, task, num_samples=2, solver=SolverConfig("euler", 2), seed=0, with_ll=True,
                         ll_solver=SolverConfig("midpoint", 1), estimator="hutchinson", n_probes=1,
                         deadline=time.monotonic() + 600)

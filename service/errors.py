@@ -39,6 +39,12 @@ class ApiError(Exception):
         return {"error": err}
 
 
+def from_domain(exc: Any) -> ApiError:
+    """An `ingest.space.DomainError` (a point outside the trained disc, a value outside its physical range,
+    a context below the trained minimum, ...) as 422 with the same stable code and message."""
+    return ApiError(422, exc.code, exc.message)
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "body"
 

@@ -9,10 +9,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from flownp.inference import LL_KIND, LL_UNITS
 from ingest.variables import BY_NAME, NAMES
-
-LL_KIND = "joint over the targets given the context"
-LL_UNITS = "nats, density over ERA5 units (Pa, K, m s-1)"
 
 
 def summarise(samples: np.ndarray, quantiles: list[float]) -> dict[str, np.ndarray]:

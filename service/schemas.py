@@ -3,7 +3,7 @@
 Values arrive in ERA5 physical units (sp [Pa], t2m [K], u10/v10 [m s-1]) and coordinates in degrees
 (latitude north, longitude east in -180..180). Limits (points, samples, steps) come from the Settings
 passed as validation context: `Model.model_validate(data, context={"settings": settings})`.
-Region checks need the served model's region and happen in service.convert.
+Region checks need the served model's region and happen through its ModelSpace (ingest.space).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ingest.variables import BY_NAME, NAMES, resolve_alias
+from ingest.space import DomainError, check_physical
+from ingest.variables import NAMES, resolve_alias
 from service.settings import Settings
 
 Solver = Literal["euler", "midpoint", "rk4"]
@@ -55,16 +56,6 @@ class Points(Strict):
         return len(self.latitude)
 
 
-def _unit_hint(name: str, lo: float, hi: float) -> str:
-    if name == "t2m" and -90 <= lo and hi <= 65:
-        return " (these look like degrees Celsius: send kelvin, e.g. 273.15 for 0 degC)"
-    if name == "sp" and 40 <= lo and hi <= 115:
-        return " (these look like kPa: send pascals, e.g. 101325)"
-    if name == "sp" and 400 <= lo and hi <= 1150:
-        return " (these look like hPa: send pascals, e.g. 101325)"
-    return ""
-
-
 class Observations(Points):
     """Points with values of all four variables (ERA5 short names or CDS long names), ERA5 units."""
 
@@ -99,20 +90,11 @@ class Observations(Points):
         if missing:
             raise _err("missing_variable", "values lack {missing}: all of sp [Pa], t2m [K], u10, v10 [m s-1] "
                        "are needed", missing=", ".join(missing))
-        for name in NAMES:  # physical ranges, checked in model units through the one conversion
-            var = BY_NAME[name]
-            arr = np.asarray(out[name], dtype=np.float64)
-            if arr.size == 0:
-                continue
-            m = var.era5_to_model(arr)
-            lo, hi = var.plausible
-            bad = (m < lo) | (m > hi)
-            if bad.any():
-                glo, ghi = var.model_to_era5(np.array([lo, hi]))
-                raise _err("out_of_physical_range",
-                           "{name}: {n} value(s) outside {glo:g}..{ghi:g} {units}{hint}", name=name,
-                           n=int(bad.sum()), glo=float(glo), ghi=float(ghi), units=var.era5_units,
-                           hint=_unit_hint(name, float(arr.min()), float(arr.max())))
+        for name in NAMES:  # physical ranges: the one rule (ingest.space.check_physical)
+            try:
+                check_physical(name, out[name])
+            except DomainError as exc:
+                raise _err(exc.code, "{m}", m=exc.message) from None
         return out
 
     @model_validator(mode="after")

@@ -1,6 +1,6 @@
 """The Jupyter API against the service: the embedded default loads with `Extrapolator.from_default()`, the
-region rule is the service's disc (one `Region.in_circle`), and conversions are the service's, so the same
-request and seed give the same samples."""
+region rule is the service's disc (one `ModelSpace.check_points`), and conversions are the one ModelSpace, so
+the same request and seed give the same samples and log-likelihoods."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import xarray as xr
 
 from flownp.api import Extrapolator
 from ingest.region import MEMPHIS as R
-from service import convert
-from service.errors import ApiError
+from ingest.space import DomainError, ModelSpace
 from service.settings import Settings
 from tests.test_service_common import running, small_request, values
 
@@ -26,20 +25,30 @@ def points(lat, lon) -> xr.Dataset:
 
 
 def test_from_default_is_the_verified_synthetic_default(ex):
-    from service import default_model
+    from flownp import default_model
 
     man = default_model.read_manifest()
     assert ex.meta["version"] == man["version"] == "synthetic-default" and ex.meta["synthetic"] is True
     assert ex.meta["sha256"] == man["sha256"] and ex.region == R
-    assert ex._log_jac == convert.log_jacobian(ex.normalizer)  # the service's conversion, not a copy
+
+
+def test_the_era5_log_jacobian_is_the_change_of_variables_of_the_conversion(ex):
+    """log |d normalised / d ERA5| from finite differences of the conversion itself, and the 6.91 nats per
+    point (ln 1000, Pa vs kPa) between densities over ERA5 and over model units."""
+    x = np.array([[101325.0, 280.0, 3.0, -2.0]])
+    h = np.array([10.0, 0.1, 0.1, 0.1])
+    diag = [(ex.space.to_normalised(x + h * e)[0, j].astype(np.float64) - ex.space.to_normalised(x)[0, j]) / h[j]
+            for j, e in enumerate(np.eye(4))]
+    assert ex.space.log_jacobian("era5") == pytest.approx(float(np.log(np.abs(diag)).sum()), abs=1e-3)
+    assert ex.space.log_jacobian("era5") - ex.space.log_jacobian("model") == pytest.approx(np.log(1e-3))
 
 
 def test_square_corner_off_the_disc_is_refused_like_the_service(ex):
     ex._xy(points(35.0 + 4.9, -91.0))  # inside the disc: accepted
     with pytest.raises(ValueError, match="outside"):  # inside the square bounding box, outside the disc
         ex._xy(points(39.9, -95.9))
-    with pytest.raises(ApiError) as e:
-        convert.check_points(R, [39.9], [-95.9], "targets")
+    with pytest.raises(DomainError) as e:
+        ModelSpace(R, ex.normalizer).check_points([39.9], [-95.9], "targets")
     assert e.value.code == "out_of_region"
 
 
@@ -55,9 +64,9 @@ def test_api_and_service_accept_exactly_the_same_points(ex):
         lon = np.r_[lon, R.centre_lon + r * np.cos(ang)]
     for la, lo in zip(lat, lon):
         try:
-            convert.check_points(R, [la], [lo], "context")
+            ModelSpace(R, ex.normalizer).check_points([la], [lo], "context")
             service_ok = True
-        except ApiError:
+        except DomainError:
             service_ok = False
         try:
             ex._xy(points(la, lo))

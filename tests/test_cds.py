@@ -268,12 +268,18 @@ def test_unknown_dataset_is_refused(cds: FakeCDS, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_credentials_give_an_actionable_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No CDS credentials anywhere: an empty ~/.cdsapirc (returned) and no CDSAPI_URL / CDSAPI_KEY."""
     rc = tmp_path / "empty-cdsapirc"
     rc.write_text("")
     monkeypatch.setenv("CDSAPI_RC", str(rc))
     monkeypatch.delenv("CDSAPI_URL", raising=False)
     monkeypatch.delenv("CDSAPI_KEY", raising=False)
+    return rc
+
+
+def test_missing_credentials_give_an_actionable_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    rc = no_credentials(monkeypatch, tmp_path)
     with pytest.raises(CredentialsError) as info:
         download_era5(small_cfg(), tmp_path / "out", progress=False)
     msg = str(info.value)
@@ -354,11 +360,7 @@ def test_cli_refused_request_exits_non_zero_without_traceback(cds: FakeCDS, tmp_
 
 
 def test_cli_missing_credentials_exit_non_zero(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    rc = tmp_path / "empty-cdsapirc"
-    rc.write_text("")
-    monkeypatch.setenv("CDSAPI_RC", str(rc))
-    monkeypatch.delenv("CDSAPI_URL", raising=False)
-    monkeypatch.delenv("CDSAPI_KEY", raising=False)
+    no_credentials(monkeypatch, tmp_path)
     result = CliRunner().invoke(_cli(), ["download", "--out", str(tmp_path / "o"), "--years", "1990", "--no-progress"])
     assert result.exit_code == 1
     assert "~/.cdsapirc" in result.output and "Traceback" not in result.output

@@ -105,8 +105,12 @@ def test_the_parse_check_can_fail(args):
 
 def test_shell_lines_in_readme_deploy_section_parse():
     text = (ROOT / "README.md").read_text()
-    for m in re.finditer(r"^\s+(flownp (?:retrain|registry) [^\n#]*)", text, re.M):
-        parses(shlex.split(m.group(1))[1:])
+    lines = [m.group(1) for m in re.finditer(r"^\s+(flownp (?:retrain|registry) [^\n#]*)", text, re.M)]
+    # the README shows a retrain and the registry commands: so this check can fail, it must find them
+    assert len(lines) >= 3, lines
+    assert any(" retrain " in f" {ln} " for ln in lines) and any(" registry " in f" {ln} " for ln in lines), lines
+    for line in lines:
+        parses(shlex.split(line)[1:])
 
 
 def claim_names(node) -> list[str]:

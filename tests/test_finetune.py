@@ -183,7 +183,7 @@ def test_checkpoints_record_the_smallest_context_over_the_lineage(tiny_store, ba
     import hashlib
 
     from flownp.api import Extrapolator
-    from flownp.jobs.finetune import lineage_n_ctx_min
+    from flownp.checkpoint import lineage_n_ctx_min
     from service.engine import load_models
     from service.settings import Settings
 

@@ -1,4 +1,4 @@
-"""GAV residual (PROTOCOL 4): Hurwitz and contracting by construction, the orthogonal Cayley factor and its
+"""GAV residual (docs/protocol.md §9): Hurwitz and contracting by construction, the orthogonal Cayley factor and its
 low-rank Sherman-Morrison-Woodbury path, trajectories that approach each other, the analytic divergence
 equal to the Jacobian's trace, equivariance, a near-zero start, and the wrapped model through the
 likelihood and the sampler unchanged (against closed forms where the flow is linear)."""
@@ -305,22 +305,24 @@ def test_the_service_deadline_reaches_a_gav_models_base_field_in_the_likelihood(
     """The likelihood of a GAV model evaluates its base field directly (its divergence is estimated, the
     residual's is exact): the service's deadline wrapper must watch that path too."""
     from flownp.core.likelihood import log_likelihood
-    from service.engine import DeadlineExceeded, _Watched
+    from flownp.inference import _Watched
+    from service.engine import Deadline, DeadlineExceeded
 
     torch.manual_seed(0)
     model = GAVFlowNP(FlowNP(TINY), GAVConfig(kind="schur")).eval()
     xc, yc, xt, yt = torch.rand(1, 6, 2), torch.randn(1, 6, 4), torch.rand(1, 3, 2), torch.randn(1, 3, 4)
     solver = SolverConfig("euler", 4)
-    fine = log_likelihood(_Watched(model, deadline=time.monotonic() + 60), xc, yc, xt, yt, solver=solver)
+    fine = log_likelihood(_Watched(model, Deadline(time.monotonic() + 60)), xc, yc, xt, yt, solver=solver)
     assert torch.isfinite(fine.joint).all()
-    late = _Watched(model, deadline=time.monotonic() + 60)
+    deadline = Deadline(time.monotonic() + 60)
+    late = _Watched(model, deadline)
     calls = {"n": 0}
     base_velocity = model.base.velocity
 
     def slow_base(*a, **kw):  # the deadline passes after the first base evaluation of the solve
         calls["n"] += 1
         if calls["n"] == 2:
-            late._deadline = time.monotonic() - 1
+            deadline.at = time.monotonic() - 1
         return base_velocity(*a, **kw)
 
     model.base.velocity = slow_base

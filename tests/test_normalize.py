@@ -33,7 +33,7 @@ def test_unit_conversions_are_the_ones_we_mean():
 def test_reference_constants_and_log_std():
     n = Normalizer.reference()
     assert n.mean == (100.1209, 7.4628, 0.0, 0.0) and n.std == (1.4738, 8.5286, 3.4162, 3.4162)
-    assert n.log_std_sum == pytest.approx(4.988, abs=5e-4)  # PROTOCOL 1.4
+    assert n.log_std_sum == pytest.approx(4.988, abs=5e-4)  # docs/protocol.md §4
 
 
 def test_accumulator_matches_numpy_and_merges_exactly():

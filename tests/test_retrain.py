@@ -5,6 +5,7 @@ rerun continues without redoing finished stages; versions are verified and the c
 import json
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -62,7 +63,7 @@ def test_promotes_only_a_better_candidate_and_the_service_then_serves_it(store, 
         assert better["promoted"] == "v0002" and reg.current() == "v0002"
         assert better["pretrain_init"] == "v0001"
         assert m["comparison"]["current_version"] == "v0001" and m["comparison"]["candidate"] > m["comparison"]["current"]
-        assert m["comparison"]["metric"] == "tar_ll_physical" and m["comparison"]["scoring"]["n_probes"] == 1
+        assert m["comparison"]["metric"] == "tar_ll_era5" and m["comparison"]["scoring"]["n_probes"] == 1
         assert m["files"]["model.pt"] and m["data"]["years_per_split"]["test"] == [1989]
         assert client.post("/v1/admin/reload").status_code == 401  # the admin route is behind the key
         r = client.post("/v1/admin/reload", headers=KEY)
@@ -167,7 +168,7 @@ def test_bad_job_files_are_refused(tmp_path, text, match):
 def test_failed_reload_keeps_serving_the_old_model(tmp_path):
     from pathlib import Path
 
-    default = Path(__file__).resolve().parents[1] / "service" / "models" / "default.pt"
+    default = Path(__file__).resolve().parents[1] / "flownp" / "models" / "default.pt"
     reg = Registry(tmp_path / "registry")
     reg.add(default, metrics={"tar_ll": 0.0}, promote=True)
     reg.add(default, metrics={"tar_ll": 1.0}, promote=True)
@@ -198,8 +199,11 @@ def test_a_stop_between_add_and_promote_is_finished_by_the_rerun(store, tmp_path
     state = run_job(job, progress=False)
     assert state["promoted"] == "v0001" and reg.current() == "v0001" and reg.versions() == ["v0001"]
     m = reg.manifest("v0001")  # the manifest says which metric the gate compared, and its value
-    assert m["comparison"]["metric"] == "tar_ll_physical"
-    assert m["metrics"]["tar_ll_physical"] == m["comparison"]["candidate"] == m["metrics"]["eval"]["tar_ll_physical"]
+    assert m["comparison"]["metric"] == "tar_ll_era5" and "ERA5 units" in m["comparison"]["units"]
+    assert m["metrics"]["tar_ll_era5"] == m["comparison"]["candidate"] == m["metrics"]["eval"]["tar_ll_era5"]
+    # over ERA5 units (Pa) the density is ln(1000) per point below the one over model units (kPa)
+    ev = m["metrics"]["eval"]
+    assert ev["tar_ll_era5"] - ev["tar_ll_physical"] == pytest.approx(np.log(1e-3))
     # the data window: first and last map of each split (the tiny store: days 1-2 of every month, hourly)
     window = m["data"]["time_range_per_split"]
     assert window == {"train": ["1986-01-01T00:00:00", "1986-12-02T23:00:00"],
@@ -225,20 +229,20 @@ def test_registry_refuses_a_stale_comparison_and_a_dangling_current(tmp_path):
         reg.current()
 
 
-def _result(tar_ll, tar_ll_physical, probe_seed=0):
+def _result(tar_ll, tar_ll_era5, probe_seed=0):
     pred = {"estimator": "hutchinson", "n_probes": 1, "probe_seed": probe_seed, "ll_solver": "midpoint(25)"}
     return {"eval_set": {"split": "test", "seed": 0},
-            "flownp": {"tar_ll": tar_ll, "tar_ll_physical": tar_ll_physical, "n_tasks": 4, "predictor": pred}}
+            "flownp": {"tar_ll": tar_ll, "tar_ll_era5": tar_ll_era5, "n_tasks": 4, "predictor": pred}}
 
 
 def test_gate_compares_physical_log_likelihood_not_each_models_normalised_units():
     # the candidate's normaliser (grown store) is narrower: it wins in its own units, loses in physical ones
-    cand, cur = _result(tar_ll=1.0, tar_ll_physical=-6.0), _result(tar_ll=0.5, tar_ll_physical=-5.0)
+    cand, cur = _result(tar_ll=1.0, tar_ll_era5=-6.0), _result(tar_ll=0.5, tar_ll_era5=-5.0)
     c = compare(cand, cur, current_version="v0001")
-    assert c["metric"] == "tar_ll_physical" and c["promoted"] is False
+    assert c["metric"] == "tar_ll_era5" and c["promoted"] is False
     assert (c["candidate"], c["current"]) == (-6.0, -5.0)
     # ... and the other way round: worse in its own units, better in physical ones
-    c = compare(_result(tar_ll=0.2, tar_ll_physical=-4.0), cur)
+    c = compare(_result(tar_ll=0.2, tar_ll_era5=-4.0), cur)
     assert c["promoted"] is True
     assert compare(_result(0.2, -4.0), cur, min_gain=1.5)["promoted"] is False  # the margin is in nats per point
     assert compare(cand, None)["promoted"] is True  # nothing to beat
@@ -247,8 +251,10 @@ def test_gate_compares_physical_log_likelihood_not_each_models_normalised_units(
     other = {**cur, "eval_set": {"split": "test", "seed": 1}}
     with pytest.raises(ValueError, match="different evaluation sets"):
         compare(cand, other)
-    # older job files name the metric tar_ll: read as its physical-unit form
-    assert EvalSpec(metric="tar_ll").metric == "tar_ll_physical" == EvalSpec().metric
+    # older job files name the metric tar_ll or tar_ll_physical: read as the ERA5-unit form (any fixed
+    # units rank two models alike)
+    assert EvalSpec(metric="tar_ll").metric == EvalSpec(metric="tar_ll_physical").metric == "tar_ll_era5" \
+        == EvalSpec().metric
 
 
 def test_version_numbers_are_ordered_and_counted_numerically(tmp_path):

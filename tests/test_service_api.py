@@ -165,20 +165,20 @@ def test_readyz_is_503_until_warmed_up(monkeypatch):
 
 
 def test_deadline_gives_504_and_overload_gives_503_with_retry_after(monkeypatch):
-    import service.app as app_mod
+    import service.routes.inference as routes_mod
 
     with running(Settings(workers=1, max_queue=0)) as c:
         r = c.post("/v1/extrapolate", json=small_request(timeout_s=1e-6))
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
         gate, started = threading.Event(), threading.Event()
-        real = app_mod.run_extrapolate
+        real = routes_mod.run_extrapolate
 
         def slow(*a, **kw):
             started.set()
             gate.wait(30)
             return real(*a, **kw)
 
-        monkeypatch.setattr(app_mod, "run_extrapolate", slow)
+        monkeypatch.setattr(routes_mod, "run_extrapolate", slow)
         first: dict = {}
         t = threading.Thread(target=lambda: first.update(r=c.post("/v1/extrapolate", json=small_request())))
         t.start()

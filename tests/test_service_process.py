@@ -15,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service import default_model
+from flownp import default_model
+from service.cli import stop
 from service.client import Client, ServiceError
 from service.engine import LoadError, load_models
 from service.settings import Settings
@@ -52,11 +53,7 @@ def server():
             raise TimeoutError("server not ready in 90 s")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def test_client_against_a_real_uvicorn_process(server):

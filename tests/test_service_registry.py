@@ -16,7 +16,7 @@ import pytest
 
 from flownp.registry import Registry
 from ingest.io import atomic_path
-from service import default_model
+from flownp import default_model
 from service.app import create_app
 from service.settings import Settings
 from tests.test_service_common import running, small_request

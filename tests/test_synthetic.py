@@ -340,8 +340,8 @@ def test_synthesize_reproducible_and_manifest(tmp_path) -> None:
 
 
 def test_parse_int_list() -> None:
-    assert parse_int_list("1986,1988-1989") == [1986, 1988, 1989]
-    assert parse_int_list(" 12, 1,2 ,1") == [1, 2, 12]
+    assert parse_int_list("1986,1988-1989") == (1986, 1988, 1989)
+    assert parse_int_list(" 12, 1,2 ,1") == (1, 2, 12)
     with pytest.raises(ValueError):
         parse_int_list("5-3")
     with pytest.raises(ValueError):

@@ -23,7 +23,7 @@ class ModelConfig:
               multiplies adaptive-solver steps).
     standardise: "none" (the store's normalised values as they are: the reference protocol) or "context"
               (per task and variable, the context's median and robust spread, applied to context and
-              targets; docs/protocol.md §7).
+              targets; docs/protocol.md §10).
     base:     "standard" (the flow starts from N(0, I) on the targets) or "gp" (it runs on targets whitened
               by a per-variable GP posterior fitted on the context, so a zero velocity is that GP).
     whitening: with base="gp": "symmetric" (Sigma^-1/2, joint, permutation equivariant) or "diagonal"
@@ -88,7 +88,7 @@ class ModelConfig:
 
     @classmethod
     def reference(cls) -> "ModelConfig":
-        """The published FlowNP (PROTOCOL 2): about 238K parameters."""
+        """The published FlowNP (docs/protocol.md §7): about 238K parameters."""
         return cls(arch="reference", targets="joint", encoding="reference")
 
     def to_dict(self) -> dict[str, Any]:

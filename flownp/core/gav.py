@@ -1,4 +1,4 @@
-"""Generalized artificial viscosity (GAV, PROTOCOL 4): a residual added to a pretrained FlowNP field,
+"""Generalized artificial viscosity (GAV, docs/protocol.md §9): a residual added to a pretrained FlowNP field,
 
     v_total(t, y | C) = v(t, y | C) + r(t, y | C),   r = H(t, C) (y - m(t, x, C)),
 

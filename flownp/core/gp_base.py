@@ -1,4 +1,4 @@
-"""Per-task transforms between normalised values and the space the flow runs in (docs/protocol.md §7).
+"""Per-task transforms between normalised values and the space the flow runs in (docs/protocol.md §10).
 
 Two exact bijections, applied per task and per variable, with their log-Jacobians:
 

@@ -2,7 +2,7 @@
 
 Shapes: xc (B, n_ctx, x_dim), yc (B, n_ctx, y_dim), xt (B, n_tgt, x_dim), yt (B, n_tgt, y_dim),
 t (B, n_tgt) per target point (or (B,) / a float, broadcast). Output: velocity (B, n_tgt, y_dim).
-Tokens: [enc(x), enc(t), y]; context tokens use t = 1 and the clean values (PROTOCOL 2).
+Tokens: [enc(x), enc(t), y]; context tokens use t = 1 and the clean values (docs/protocol.md §7).
 """
 
 from __future__ import annotations

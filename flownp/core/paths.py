@@ -1,4 +1,4 @@
-"""Conditional flow matching on the linear path (PROTOCOL 2): noise at t = 0, data at t = 1.
+"""Conditional flow matching on the linear path (docs/protocol.md §7): noise at t = 0, data at t = 1.
 
 y_t = t y1 + (1 - t) y0 with y0 ~ N(0, I), target velocity y1 - y0, flow time drawn independently for
 every target point, MSE over all elements. Coupling: independent (minibatch OT hurts conditional models).
@@ -44,7 +44,7 @@ def path_scale(t: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_frame(path: PathSample) -> PathSample:
-    """The same path in the frame u = y / sigma(t) (velocity="residual"; docs/protocol.md §7).
+    """The same path in the frame u = y / sigma(t) (velocity="residual"; docs/protocol.md §10).
 
     When the data are N(0, I) the linear path's exact velocity is v = (2t - 1) / sigma^2 y; in the frame u it
     is zero, and u = y at t = 0 and t = 1. A network w(u, t) = du/dt therefore leaves N(0, I) alone at zero

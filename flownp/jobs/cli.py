@@ -1,38 +1,36 @@
-"""`flownp` command line: pretrain, train-baseline, finetune, evaluate."""
+"""`flownp` command line: version, pretrain, train-baseline, finetune, retrain, evaluate, and
+registry list/promote/delete. The training jobs' options are built from their config dataclasses
+(`flownp.jobs.options`): one definition per option, the same as the retrain YAML's."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from flownp.jobs import options
+from ingest.parsing import parse_range
+
 app = typer.Typer(help="FlowNP model jobs.", no_args_is_help=True, add_completion=False)
 
 
-# options shared by the training jobs
 Data = Annotated[Path, typer.Option("--data", help="Store directory (flownp-ingest build).")]
 RunDir = Annotated[Path, typer.Option("--out", help="Run directory: log.jsonl, last.pt, best.pt.")]
-Steps = Annotated[int, typer.Option(help="Optimizer steps.")]
-BatchSize = Annotated[int, typer.Option(help="Tasks per step.")]
-PeakLr = Annotated[float, typer.Option(help="Peak learning rate.")]
-Warmup = Annotated[int, typer.Option(help="Warm-up steps.")]
-NCtx = Annotated[str, typer.Option(help="Context size range MIN-MAX.")]
-NTgt = Annotated[Optional[int], typer.Option(help="Targets per task (default: all the rest).")]
-Seed = Annotated[int, typer.Option(help="Seed.")]
-Device = Annotated[str, typer.Option(help="cpu or cuda.")]
-Bf16 = Annotated[bool, typer.Option("--bf16", help="bf16 autocast (CUDA; slow on CPU).")]
-CkptEvery = Annotated[int, typer.Option(help="Checkpoint (and validate) every N steps.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 MaxMinutes = Annotated[Optional[float], typer.Option(
     help="Stop after this much wall time, writing last.pt (continue with --resume).")]
 
 
-def _range(spec: str) -> tuple[int, int]:
-    lo, _, hi = spec.partition("-")
-    return int(lo), int(hi or lo)
+def _param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _run_options() -> list[inspect.Parameter]:
+    return [_param("resume", Resume, False), _param("max_minutes", MaxMinutes, None), _param("quiet", Quiet, False)]
 
 
 def _job(run: Callable[[], dict[str, Any]], out: Path) -> None:
@@ -53,129 +51,40 @@ def version() -> None:
     typer.echo(__version__)
 
 
-@app.command()
-def pretrain(
-    data: Data,
-    out: RunDir,
-    steps: Steps = 1000,
-    batch_size: BatchSize = 16,
-    lr: PeakLr = 5e-4,
-    warmup: Warmup = 100,
-    n_ctx: NCtx = "2-1199",
-    n_tgt: NTgt = None,
-    arch: Annotated[str, typer.Option(help="cached or reference.")] = "cached",
-    targets: Annotated[str, typer.Option(help="joint or independent.")] = "joint",
-    encoding: Annotated[str, typer.Option(help="lowfreq or reference.")] = "lowfreq",
-    d_model: Annotated[int, typer.Option(help="Transformer width.")] = 64,
-    n_layers: Annotated[int, typer.Option(help="Transformer layers.")] = 6,
-    seed: Seed = 0,
-    device: Device = "cpu",
-    bf16: Bf16 = False,
-    ckpt_every: CkptEvery = 200,
-    resume: Resume = False,
-    max_minutes: MaxMinutes = None,
-    quiet: Quiet = False,
-) -> None:
-    """Pretrain FlowNP by conditional flow matching on a store's train split."""
-    from flownp.core.config import ModelConfig
-    from flownp.jobs.train import TrainConfig, pretrain as run
+# the training jobs: their options are the fields of their config dataclasses (flownp.jobs.options)
+def _pretrain(v: dict[str, Any]) -> None:
+    from flownp.jobs.train import pretrain as run
 
-    lo, hi = _range(n_ctx)
-
-    def job() -> dict[str, Any]:
-        mcfg = ModelConfig(arch=arch, targets=targets, encoding=encoding, d_model=d_model, n_layers=n_layers,
-                           d_ff=2 * d_model, embed_hidden=d_model)
-        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, n_ctx_min=lo,
-                           n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, bf16=bf16,
-                           ckpt_every=ckpt_every)
-        return run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
-
-    _job(job, out)
+    _job(lambda: run(v["data"], v["out"], options.MODEL.build(v), options.TRAIN.build(v), resume=v["resume"],
+                     progress=not v["quiet"], max_minutes=v["max_minutes"]), v["out"])
 
 
-@app.command("train-baseline")
-def train_baseline(
-    kind: Annotated[str, typer.Option("--kind", help="cnp or tnpa.")],
-    data: Data,
-    out: RunDir,
-    steps: Steps = 1000,
-    batch_size: BatchSize = 16,
-    lr: PeakLr = 5e-4,
-    warmup: Warmup = 100,
-    n_ctx: NCtx = "2-1199",
-    n_tgt: NTgt = None,
-    d_model: Annotated[int, typer.Option(help="Width.")] = 64,
-    n_layers: Annotated[int, typer.Option(help="CNP: MLP depth; TNP-A: transformer layers.")] = 4,
-    seed: Seed = 0,
-    device: Device = "cpu",
-    ckpt_every: CkptEvery = 200,
-    resume: Resume = False,
-    max_minutes: MaxMinutes = None,
-    quiet: Quiet = False,
-) -> None:
-    """Train a CNP or TNP-A baseline by maximum likelihood on the same tasks as FlowNP."""
-    from flownp.jobs.baselines.neural import NeuralBaselineConfig
-    from flownp.jobs.train import TrainConfig, pretrain as run
+def _train_baseline(v: dict[str, Any]) -> None:
+    from flownp.jobs.train import pretrain as run
 
-    lo, hi = _range(n_ctx)
-
-    def job() -> dict[str, Any]:
-        mcfg = NeuralBaselineConfig(kind=kind, d_model=d_model, n_layers=n_layers, d_ff=2 * d_model)
-        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, n_ctx_min=lo,
-                           n_ctx_max=hi, n_tgt=n_tgt, seed=seed, device=device, ckpt_every=ckpt_every)
-        return run(data, out, mcfg, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
-
-    _job(job, out)
+    _job(lambda: run(v["data"], v["out"], options.BASELINE.build(v), options.TRAIN.build(v), resume=v["resume"],
+                     progress=not v["quiet"], max_minutes=v["max_minutes"]), v["out"])
 
 
-@app.command()
-def finetune(
-    base: Annotated[Path, typer.Option("--from", help="Pretrained checkpoint (RUN/best.pt).")],
-    data: Annotated[Path, typer.Option("--data", help="Store directory (the base's normalisation).")],
-    out: RunDir,
-    mode: Annotated[str, typer.Option(help="mle (tune the whole model) or gav (add a GAV residual).")] = "mle",
-    coupling: Annotated[str, typer.Option(help="inversion (frozen base, reverse ODE) or random.")] = "inversion",
-    k_steps: Annotated[int, typer.Option(help="Euler steps of the differentiated decoder (K).")] = 16,
-    inversion_steps: Annotated[int, typer.Option(help="Midpoint steps of the inversion.")] = 32,
-    sigma: Annotated[float, typer.Option(help="Observation std (normalised units); initial if learned.")] = 0.1,
-    learn_sigma: Annotated[bool, typer.Option("--learn-sigma", help="Learn a per-variable sigma.")] = False,
-    cfm_weight: Annotated[float, typer.Option(help="Weight of a flow-matching regulariser.")] = 0.0,
-    grad: Annotated[str, typer.Option(help="backprop, checkpoint (less memory) or adjoint (least).")] = "backprop",
-    gav_kind: Annotated[str, typer.Option(help="gav: schur (Hurwitz), contracting, or mlp (ablation).")] = "schur",
-    train_base: Annotated[bool, typer.Option("--train-base", help="gav: also tune the base model.")] = False,
-    gav_cayley_rank: Annotated[Optional[int], typer.Option(
-        help="gav: low-rank skew factor (rank <= 2r) through Sherman-Morrison-Woodbury; default dense.")] = None,
-    steps: Steps = 500,
-    batch_size: BatchSize = 8,
-    lr: Annotated[float, typer.Option(help="Learning rate after warm-up (constant).")] = 1e-5,
-    warmup: Warmup = 50,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights.")] = 0.99,
-    n_ctx: NCtx = "2-1199",
-    n_tgt: NTgt = None,
-    seed: Seed = 0,
-    device: Device = "cpu",
-    bf16: Bf16 = False,
-    ckpt_every: CkptEvery = 100,
-    resume: Resume = False,
-    max_minutes: MaxMinutes = None,
-    quiet: Quiet = False,
-) -> None:
-    """Fine-tune a pretrained FlowNP by maximum likelihood of K-step reconstructions (optionally GAV)."""
-    from flownp.jobs.finetune import FinetuneConfig, finetune as run
-    from flownp.jobs.train import TrainConfig
+def _finetune(v: dict[str, Any]) -> None:
+    from flownp.jobs.finetune import finetune as run
 
-    lo, hi = _range(n_ctx)
+    _job(lambda: run(v["base"], v["data"], v["out"], options.finetune_config(v), options.FINETUNE_TRAIN.build(v),
+                     resume=v["resume"], progress=not v["quiet"], max_minutes=v["max_minutes"]), v["out"])
 
-    def job() -> dict[str, Any]:
-        ft = FinetuneConfig(mode=mode, coupling=coupling, k_steps=k_steps, inversion_steps=inversion_steps,
-                            sigma=sigma, learn_sigma=learn_sigma, cfm_weight=cfm_weight, grad=grad,
-                            train_base=train_base, gav={"kind": gav_kind, "cayley_rank": gav_cayley_rank} if mode == "gav" else None)
-        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, schedule="constant",
-                           ema_decay=ema_decay, n_ctx_min=lo, n_ctx_max=hi, n_tgt=n_tgt, seed=seed,
-                           device=device, bf16=bf16, ckpt_every=ckpt_every)
-        return run(base, data, out, ft, tcfg, resume=resume, progress=not quiet, max_minutes=max_minutes)
 
-    _job(job, out)
+options.command(app, "pretrain", "Pretrain FlowNP by conditional flow matching on a store's train split.",
+                [_param("data", Data), _param("out", RunDir), *_run_options()],
+                (options.MODEL, options.TRAIN), _pretrain)
+options.command(app, "train-baseline", "Train a CNP or TNP-A baseline by maximum likelihood on the same tasks as FlowNP.",
+                [_param("data", Data), _param("out", RunDir), *_run_options()],
+                (options.BASELINE, options.TRAIN), _train_baseline)
+options.command(app, "finetune", "Fine-tune a pretrained FlowNP by maximum likelihood of K-step reconstructions "
+                "(optionally GAV).",
+                [_param("base", Annotated[Path, typer.Option("--from", help="Pretrained checkpoint (RUN/best.pt).")]),
+                 _param("data", Annotated[Path, typer.Option("--data", help="Store directory (the base's normalisation).")]),
+                 _param("out", RunDir), *_run_options()],
+                (options.FINETUNE, options.GAV, options.FINETUNE_TRAIN), _finetune)
 
 
 @app.command()
@@ -256,7 +165,7 @@ def evaluate(
     try:
         res = evaluate_checkpoint(str(checkpoint), str(data), split=split,
                                   eval_set=str(eval_set) if eval_set else None, n_tasks=n_tasks,
-                                  n_ctx=_range(n_ctx), seed=seed, batch_size=batch_size, n_samples=samples,
+                                  n_ctx=parse_range(n_ctx), seed=seed, batch_size=batch_size, n_samples=samples,
                                   ll_solver=ll_solver, sample_solver=sample_solver, n_probes=probes,
                                   baselines=tuple(baseline or ()), plot=str(plot) if plot else None,
                                   plot_index=plot_task,

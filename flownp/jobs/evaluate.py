@@ -3,8 +3,10 @@ where the model allows it), RMSE of the sample mean, CRPS and interval coverage 
 oracle's tar_ll on synthetic data and the gap to it. Every predictor (FlowNP and the baselines) goes
 through the same code on the same batches.
 
-Units: log-likelihoods in nats per target point (4 variables summed) in normalised units unless a key
-says `physical`; RMSE and CRPS per variable in kPa, degC, m/s.
+Units (docs/protocol.md §4, §6): log-likelihoods in nats per target point (4 variables summed) over
+normalised values (`tar_ll`), over ERA5 units Pa, K, m s-1 (`tar_ll_era5`: what the registry gate, REST and
+the notebook report) and over model units kPa, degC, m s-1 (`tar_ll_physical`, the oracle's scale); each
+result names them in `ll_units`. RMSE and CRPS per variable in kPa, degC, m/s.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 from flownp.core.likelihood import log_likelihood
 from flownp.core.sampling import sample
 from flownp.core.solvers import SolverConfig
+from flownp.inference import parse_solver
 from ingest.normalize import Normalizer
+from ingest.space import UNITS, log_jacobian, model_units
 from ingest.tasks import TaskBatch
 from ingest.variables import NAMES
 
@@ -50,7 +54,6 @@ class FlowNPPredictor:
     seed: int = 0
     name: str = "FlowNP"
     ll_kind: str = "joint"
-    last_spread: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -60,8 +63,6 @@ class FlowNPPredictor:
         b = batch.to(self.device)
         res = log_likelihood(self.model, b.xc, b.yc, b.xt, b.yt, solver=self.ll_solver,
                              estimator=self.estimator, n_probes=self.n_probes, seed=self.seed)
-        self.last_spread = res.spread
-        self.last_estimator = res.estimator
         return res.joint.cpu()
 
     def sample(self, batch: TaskBatch, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -129,9 +130,12 @@ def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer
         "tar_ll": float(np.mean(acc.ll_batch_means)),
         "tar_ll_task_mean": float(ll.mean()),
         "tar_ll_stderr": float(ll.std(ddof=1) / math.sqrt(len(ll))) if len(ll) > 1 else None,
-        "tar_ll_physical": float(np.mean(acc.ll_batch_means)) - normalizer.log_std_sum,
+        "tar_ll_era5": float(np.mean(acc.ll_batch_means)) + log_jacobian(normalizer, "era5"),
+        "tar_ll_physical": float(np.mean(acc.ll_batch_means)) + log_jacobian(normalizer, "model"),
         "tar_ll_units": f"nats per target point, 4 variables summed, normalised ({pred.ll_kind}); "
-                        "tar_ll is the mean of batch means (protocol), physical = minus sum(log std)",
+                        "tar_ll is the mean of batch means (protocol); tar_ll_era5 and tar_ll_physical are the "
+                        "same over other units (docs/protocol.md §6)",
+        "ll_units": {"tar_ll": UNITS["normalised"], "tar_ll_era5": UNITS["era5"], "tar_ll_physical": UNITS["model"]},
     }
     if acc.count:
         n = acc.count
@@ -141,21 +145,12 @@ def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer
             "crps": dict(zip(NAMES, (acc.crps / n).tolist())),
             "coverage50": dict(zip(NAMES, (acc.cover50 / n).tolist())),
             "coverage90": dict(zip(NAMES, (acc.cover90 / n).tolist())),
-            "units": {"sp": "kPa", "t2m": "degC", "u10": "m/s", "v10": "m/s"},
+            "units": model_units(),
         })
     return out
 
 
 # ---- the evaluation job ------------------------------------------------------------------------
-
-def parse_solver(spec: str) -> SolverConfig:
-    """'euler:16', 'midpoint:100', 'rk4:32' or 'dopri5' / 'dopri5:1e-5' (rtol = atol)."""
-    method, _, arg = spec.partition(":")
-    if method in ("euler", "midpoint", "rk4"):
-        return SolverConfig(method, int(arg or 16))
-    tol = float(arg) if arg else 1e-5
-    return SolverConfig(method, rtol=tol, atol=tol)
-
 
 def eval_tasks(store: Any, split: str, *, eval_set: str | None = None, n_tasks: int | None = 32,
                n_ctx: tuple[int, int] = (950, 1000), seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -327,7 +322,7 @@ def plot_task(model: Any, batch: TaskBatch, normalizer: Normalizer, region: Any,
     s_phys = den(smp)
     cols = [("truth", xy, truth_all), ("sample mean", xt, s_phys.mean(0)), ("sample std", xt, s_phys.std(0)),
             ("one sample", xt, s_phys[0])]
-    units = ["kPa", "degC", "m/s", "m/s"]
+    units = list(model_units().values())
     fig, axes = plt.subplots(4, 4, figsize=(15, 13))
     for j in range(4):
         lo, hi = truth_all[:, j].min(), truth_all[:, j].max()

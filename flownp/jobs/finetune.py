@@ -1,5 +1,5 @@
-"""Fine-tuning a pretrained FlowNP by maximum likelihood of K-step reconstructions (FT-FlowNP, PROTOCOL 3),
-optionally through a GAV residual added to a frozen or lightly tuned base (PROTOCOL 4).
+"""Fine-tuning a pretrained FlowNP by maximum likelihood of K-step reconstructions (FT-FlowNP, docs/protocol.md §8),
+optionally through a GAV residual added to a frozen or lightly tuned base (docs/protocol.md §9).
 
 A task's targets x1 (B, n_tgt, D, normalised) are paired with noise z by a coupling: `inversion` (the
 frozen pretrained field integrated backwards from x1 with a fine midpoint solver, no gradient) or
@@ -16,7 +16,7 @@ Run: `flownp finetune --from RUN/best.pt --data STORE --out FT [--mode gav]`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+from flownp.checkpoint import lineage_n_ctx_min, load_checkpoint, model_from_checkpoint
 from flownp.jobs.distributed import init_from_env, rank_device
 from flownp.core.paths import flow_matching_loss
 from flownp.core.solvers import SolverConfig, solve
 from flownp.jobs.train import TrainConfig, Trainer, flow_space, model_path, validation_loss
+from ingest.configs import DictConfig
 from ingest.io import sha256_file
 from ingest.store import Store
 from ingest.tasks import TaskBatch
@@ -38,8 +39,14 @@ COUPLINGS = ("inversion", "random")
 GRADS = ("backprop", "checkpoint", "adjoint")
 
 
+#: fine-tuning's optimiser settings where they differ from TrainConfig's (the CLI's and the retrain YAML's
+#: defaults both come from here): short, a low constant learning rate after the warm-up, a faster EMA
+FINETUNE_TRAIN_DEFAULTS: dict[str, Any] = {"steps": 500, "batch_size": 8, "lr": 1e-5, "warmup": 50,
+                                           "schedule": "constant", "ema_decay": 0.99, "ckpt_every": 100}
+
+
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(DictConfig):
     """What fine-tuning does (the optimiser settings are a TrainConfig). sigma in normalised units."""
 
     mode: str = "mle"
@@ -65,23 +72,6 @@ class FinetuneConfig:
         if self.cfm_weight < 0:
             raise ValueError("cfm_weight must be >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def lineage_n_ctx_min(ck: dict[str, Any]) -> int | None:
-    """The fewest context points any stage of a checkpoint's training lineage was trained on: its own
-    `task_config.n_ctx_min` and, for a fine-tune, `trained_n_ctx_min` (the minimum over its base's lineage,
-    recorded by `FineTuner.payload`). A model fine-tuned on n_ctx 950-1000 from a base pretrained on
-    50-1000 has 50. None when the checkpoint records neither (older checkpoints)."""
-    vals = ((ck.get("task_config") or {}).get("n_ctx_min"), ck.get("trained_n_ctx_min"))
-    ok = [int(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
-    return min(ok) if ok else None
 
 
 @torch.no_grad()

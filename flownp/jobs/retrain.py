@@ -1,6 +1,6 @@
 """The offline retraining job: ingest new files -> pretrain (or continue) -> fine-tune -> evaluate on a
 frozen test set -> promote to the registry only if the candidate beats the current model (target
-log-likelihood in physical units, both scored on the same tasks with the same probes: `compare`).
+log-likelihood over ERA5 units, both scored on the same tasks with the same probes: `compare`).
 
 `flownp retrain --config JOB.yaml` (a plain YAML file validated by `RetrainJob`). Every stage leaves its
 output in the job's work directory and is skipped when done, training stages resume from their last
@@ -14,16 +14,19 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from flownp.jobs import options
 from flownp.registry import Registry
+from ingest.parsing import parse_range
+from ingest.space import UNITS
 from ingest.io import sha256_file, write_json_atomic
 
 
-GATE_METRIC = "tar_ll_physical"
+GATE_METRIC = "tar_ll_era5"  # over ERA5 units, as REST and the notebook report (docs/protocol.md §6)
 # what makes two scores paired: the same frozen tasks, and the same estimator, probes and solver on them
 PAIRED_KEYS = ("estimator", "n_probes", "probe_seed", "ll_solver")
 
@@ -39,9 +42,10 @@ class EvalSpec(_Strict):
     n_tgt: Optional[int] = Field(245, ge=1)
     seed: int = 0
     ll_solver: str = "midpoint:25"
-    metric: Literal["tar_ll_physical"] = Field(
-        "tar_ll_physical", description="the gate compares tar_ll in physical units: each checkpoint's own "
-        "normalised units differ once new files change the normaliser. 'tar_ll' (older configs) reads as this")
+    metric: Literal["tar_ll_era5"] = Field(
+        "tar_ll_era5", description="the gate compares tar_ll over ERA5 units (Pa, K, m s-1): each checkpoint's "
+        "own normalised units differ once new files change the normaliser. 'tar_ll' and 'tar_ll_physical' "
+        "(older configs) read as this: over any fixed units the comparison is the same")
     min_gain: float = Field(0.0, description="nats per point the candidate must win by")
     keep_finetune: Literal["if_better", "always"] = Field(
         "if_better", description="with both a pretrain and a fine-tune stage, the candidate is the better of "
@@ -51,38 +55,34 @@ class EvalSpec(_Strict):
     @field_validator("metric", mode="before")
     @classmethod
     def _physical(cls, v: Any) -> Any:
-        return GATE_METRIC if v == "tar_ll" else v
+        return GATE_METRIC if v in ("tar_ll", "tar_ll_physical") else v
 
 
-class PretrainSpec(_Strict):
+class _Stage(_Strict):
+    """A training stage of the job file: its keys are the options of `groups` (flownp.jobs.options: the
+    fields of the config dataclasses, with the same defaults as the `flownp` CLI's)."""
+
+    groups: ClassVar[tuple[Any, ...]] = ()
+
+    def values(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    @model_validator(mode="after")
+    def _configs_build(self) -> "_Stage":
+        for g in self.groups:  # the dataclasses' own checks, when the file is read
+            g.build(self.values())
+        return self
+
+
+class _Pretrain(_Stage):
     init: Literal["scratch", "current"] = "scratch"
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    warmup: int = Field(100, ge=0)
-    n_ctx: str = "50-1000"
-    n_tgt: Optional[int] = None
-    d_model: int = 64
-    n_layers: int = 6
-    targets: Literal["joint", "independent"] = "joint"
-    seed: int = 0
-    ckpt_every: int = 200
 
 
-class FinetuneSpec(_Strict):
-    mode: Literal["mle", "gav"] = "mle"
-    coupling: Literal["inversion", "random"] = "inversion"
-    gav_kind: Literal["schur", "contracting", "mlp"] = "schur"
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(4, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    warmup: int = Field(20, ge=0)
-    k_steps: int = Field(16, ge=1)
-    inversion_steps: int = Field(16, ge=1)
-    n_ctx: str = "50-1000"
-    n_tgt: Optional[int] = 128
-    seed: int = 0
-    ckpt_every: int = 50
+PretrainSpec = create_model("PretrainSpec", __base__=_Pretrain, **options.yaml_fields(options.MODEL, options.TRAIN))
+PretrainSpec.groups = (options.MODEL, options.TRAIN)
+FinetuneSpec = create_model("FinetuneSpec", __base__=_Stage,
+                            **options.yaml_fields(options.FINETUNE, options.GAV, options.FINETUNE_TRAIN))
+FinetuneSpec.groups = (options.FINETUNE, options.GAV, options.FINETUNE_TRAIN)
 
 
 class RetrainJob(_Strict):
@@ -92,8 +92,8 @@ class RetrainJob(_Strict):
     registry: str
     store: str
     raw: list[str] = Field(default_factory=list, description="glob patterns of new raw ERA5 files to ingest")
-    pretrain: Optional[PretrainSpec] = None
-    finetune: Optional[FinetuneSpec] = None
+    pretrain: Optional[PretrainSpec] = None  # type: ignore[valid-type]
+    finetune: Optional[FinetuneSpec] = None  # type: ignore[valid-type]
     evaluate: EvalSpec = Field(default_factory=EvalSpec)
 
     @model_validator(mode="after")
@@ -118,11 +118,6 @@ class RetrainJob(_Strict):
                                       "raw": [fix(p) for p in job.raw]})
 
 
-def _range(spec: str) -> tuple[int, int]:
-    lo, _, hi = spec.partition("-")
-    return int(lo), int(hi or lo)
-
-
 def _flownp_weights(ck: dict[str, Any], key: str) -> dict[str, Any]:
     """The FlowNP weights of a checkpoint: all of them, or a GAV model's base."""
     sd = ck[key] if ck.get(key) is not None else ck["model"]
@@ -134,7 +129,7 @@ def _flownp_weights(ck: dict[str, Any], key: str) -> dict[str, Any]:
 def compare(cand: dict[str, Any], cur: dict[str, Any] | None, *, min_gain: float = 0.0,
             current_version: str | None = None) -> dict[str, Any]:
     """The promotion gate on two `evaluate_checkpoint` results: the candidate wins when its target
-    log-likelihood in physical units (nats per target point in kPa, degC, m/s) beats the current model's by
+    log-likelihood over ERA5 units (nats per target point over Pa, K, m s-1) beats the current model's by
     more than `min_gain`. Normalised tar_ll is no common scale: each checkpoint's is in its own normaliser's
     units, which shift by a constant when new training years change the normaliser. The two scores must be
     paired (same frozen tasks, same estimator with the same probe seed), else the comparison is refused."""
@@ -150,7 +145,7 @@ def compare(cand: dict[str, Any], cur: dict[str, Any] | None, *, min_gain: float
     cand_metric = float(c[GATE_METRIC])
     cur_metric = float(cur["flownp"][GATE_METRIC]) if cur is not None else None
     wins = cur_metric is None or cand_metric > cur_metric + min_gain
-    return {"metric": GATE_METRIC, "units": "nats per target point, 4 variables summed, physical units",
+    return {"metric": GATE_METRIC, "units": f"{UNITS['era5']}, per target point, 4 variables summed",
             "candidate": cand_metric, "current": cur_metric, "current_version": current_version,
             "min_gain": min_gain, "eval_set": cand["eval_set"],
             "scoring": {k: c["predictor"].get(k) for k in PAIRED_KEYS}, "promoted": wins}
@@ -186,8 +181,8 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
     crash would (for tests)."""
     from flownp.core.config import ModelConfig
     from flownp.jobs.evaluate import evaluate_checkpoint
-    from flownp.jobs.finetune import FinetuneConfig, finetune
-    from flownp.jobs.train import TrainConfig, Trainer
+    from flownp.jobs.finetune import finetune
+    from flownp.jobs.train import Trainer
     from ingest.build import build_store
     from ingest.store import Store
     from ingest.tasks import make_eval_set, save_eval_set
@@ -221,7 +216,7 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
     if not (es_dir / "manifest.json").exists():
         e = job.evaluate
         times, _ = store.load(e.split, normalized=False)
-        lo, hi = _range(e.n_ctx)
+        lo, hi = parse_range(e.n_ctx)
         save_eval_set(make_eval_set(times, store.region.n_points, split=e.split, n_tasks=min(e.n_tasks, len(times)),
                                     n_ctx_min=lo, n_ctx_max=hi, n_tgt=e.n_tgt, seed=e.seed,
                                     extra={"store_manifest_sha256": store.manifest_sha256}), es_dir)
@@ -231,12 +226,9 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
     # 3. pretrain (from scratch, or continuing the current model's weights)
     if job.pretrain:
         p, run = job.pretrain, work / "pretrain"
-        lo, hi = _range(p.n_ctx)
-        tcfg = TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup=p.warmup, n_ctx_min=lo,
-                           n_ctx_max=hi, n_tgt=p.n_tgt, seed=p.seed, ckpt_every=p.ckpt_every)
-        if not _done(run, p.steps):
-            mcfg = ModelConfig(d_model=p.d_model, n_layers=p.n_layers, d_ff=2 * p.d_model, embed_hidden=p.d_model,
-                               targets=p.targets)
+        tcfg = options.TRAIN.build(p.values())
+        if not _done(run, tcfg.steps):
+            mcfg = options.MODEL.build(p.values())
             if p.init == "current" and current:
                 from flownp.checkpoint import load_checkpoint
 
@@ -263,13 +255,8 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
         base = candidate or (reg.model_path(current) if current else None)
         if base is None:
             raise ValueError("fine-tuning needs a pretrain stage or a current model in the registry")
-        lo, hi = _range(f.n_ctx)
-        ft = FinetuneConfig(mode=f.mode, coupling=f.coupling, k_steps=f.k_steps, inversion_steps=f.inversion_steps,
-                            gav={"kind": f.gav_kind} if f.mode == "gav" else None)
-        tcfg = TrainConfig(steps=f.steps, batch_size=f.batch_size, lr=f.lr, warmup=f.warmup, schedule="constant",
-                           ema_decay=0.95, n_ctx_min=lo, n_ctx_max=hi, n_tgt=f.n_tgt, seed=f.seed,
-                           ckpt_every=f.ckpt_every)
-        if not _done(run, f.steps):
+        ft, tcfg = options.finetune_config(f.values()), options.FINETUNE_TRAIN.build(f.values())
+        if not _done(run, tcfg.steps):
             finetune(base, job.store, run, ft, tcfg, resume=True, progress=progress)
         candidate = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
     if stage("finetune"):
@@ -281,7 +268,7 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
 
     # both models on the same frozen tasks with the same 1-probe Hutchinson estimator and probe seed: the
     # probes are drawn per batch from that seed, so the two scores are paired
-    scoring = {"ll_solver": e.ll_solver, "probe_seed": e.seed, "n_probes": 1}
+    scoring = {"ll_solver": e.ll_solver, "probe_seed": e.seed, "n_probes": 1, "metric": GATE_METRIC}
 
     def score(ckpt: Path, name: str) -> dict[str, Any]:
         out = work / f"eval-{name}.json"

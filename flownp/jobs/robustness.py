@@ -1,11 +1,11 @@
 """Robustness of a predictor to corrupted context values, and the sampling steps sweep.
 
-Context noise (PROTOCOL 4: the GAV paper's robustness test, applied to the context values, normalised
+Context noise (docs/protocol.md §9: the GAV paper's robustness test, applied to the context values, normalised
 units): `gaussian:S` adds N(0, S^2) to every context value; `salt-pepper:P` replaces each context value,
 independently with probability P, by +3 or -3 (a 3-sigma outlier of random sign). Draws are seeded per
 batch, so every predictor sees the same corrupted contexts.
 
-Steps sweep (PROTOCOL 3, the training/inference gap): samples by K explicit Euler steps from fixed
+Steps sweep (docs/protocol.md §8, the training/inference gap): samples by K explicit Euler steps from fixed
 noise, compared with the same noise carried by an adaptive dopri5 solve (the ODE's own sample). Reports
 the RMSE between the two per variable in physical units.
 """
@@ -22,6 +22,7 @@ import torch
 from flownp.core.sampling import sample
 from flownp.core.solvers import SolverConfig
 from ingest.normalize import Normalizer
+from ingest.space import model_units
 from ingest.tasks import TaskBatch
 from ingest.variables import NAMES
 
@@ -91,6 +92,6 @@ def steps_sweep(model: Any, batches: Iterable[TaskBatch], normalizer: Normalizer
         count += y0.shape[0] * y0.shape[1] * y0.shape[2]
     return {
         "reference": reference.describe(), "reference_nfe_mean": float(np.mean(ref_nfe)),
-        "n_samples": n_samples, "units": {"sp": "kPa", "t2m": "degC", "u10": "m/s", "v10": "m/s"},
+        "n_samples": n_samples, "units": model_units(),
         "rmse_to_reference": {str(k): dict(zip(NAMES, np.sqrt(sse[k] / count).tolist())) for k in steps},
     }

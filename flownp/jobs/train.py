@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,14 +29,15 @@ from flownp.jobs.distributed import Dist, init_from_env, rank_device
 from flownp.core.model import FlowNP
 from flownp.core.paths import PathSample, flow_matching_loss, sample_path, scaled_frame
 from flownp.core.sampling import task_transform
+from ingest.configs import DictConfig
 from ingest.store import Store
 from ingest.tasks import TaskBatch, TaskConfig, TaskSampler
 
 LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings (PROTOCOL 2: Adam 5e-4, cosine decay, batch 100)."""
+class TrainConfig(DictConfig):
+    """Optimisation settings (docs/protocol.md §7: Adam 5e-4, cosine decay, batch 100)."""
 
     steps: int = 1000
     lr: float = 5e-4
@@ -57,14 +58,6 @@ class TrainConfig:
     device: str = "cpu"
     bf16: bool = False
     float16_parity: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     def tasks(self, seed_offset: int = 0) -> TaskConfig:
         return TaskConfig(self.n_ctx_min, self.n_ctx_max, self.n_tgt, self.batch_size, self.seed + seed_offset)

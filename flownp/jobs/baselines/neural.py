@@ -15,7 +15,7 @@ All on normalised tensors: xc (B, n_ctx, 2), yc (B, n_ctx, 4), xt (B, n_tgt, 2),
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,13 +24,14 @@ from torch import nn
 
 from flownp.core.encoding import Sinusoidal, geometric_freqs
 from flownp.core.model import CachedBlock, _mlp
+from ingest.configs import DictConfig
 from ingest.tasks import TaskBatch
 
 KINDS = ("cnp", "tnpa")
 
 
 @dataclass(frozen=True)
-class NeuralBaselineConfig:
+class NeuralBaselineConfig(DictConfig):
     """Settings of a CNP or TNP-A (round-trips to a plain dict, stored in its checkpoint)."""
 
     kind: str = "cnp"
@@ -50,13 +51,6 @@ class NeuralBaselineConfig:
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "NeuralBaselineConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     def build(self) -> "NeuralBaseline":
         return (CNP if self.kind == "cnp" else TNPA)(self)

@@ -1,8 +1,9 @@
-"""The embedded default model: a small FlowNP trained on SYNTHETIC GP weather, shipped in the package.
+"""The embedded default model: a small FlowNP trained on SYNTHETIC GP weather, shipped as package data
+of flownp (so the Jupyter API and the service both have it without importing each other).
 
-Files (service/models/): `default.pt` (a self-describing checkpoint, EMA weights only) and `default.json`
+Files (flownp/models/): `default.pt` (a self-describing checkpoint, EMA weights only) and `default.json`
 (its manifest: sha256, what it was trained on, the recipe). Rebuild with scripts/build_default_model.sh,
-which ends in `python -m service.default_model pack RUN/best.pt --out service/models`.
+which ends in `python -m flownp.default_model pack RUN/best.pt --out flownp/models`.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def pack(run_checkpoint: Path, out: Path, recipe: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m service.default_model")
+    p = argparse.ArgumentParser(prog="python -m flownp.default_model")
     sub = p.add_subparsers(dest="cmd", required=True)
     pk = sub.add_parser("pack", help="Pack a training checkpoint as the embedded default model.")
     pk.add_argument("checkpoint", type=Path)

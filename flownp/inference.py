@@ -1,0 +1,241 @@
+"""Inference: a loaded model with its ModelSpace, and sampling / log-likelihoods in ERA5 units, labelled.
+
+The one library both front ends call: `flownp.api` (xarray, notebooks) and `service` (HTTP). It imports
+the core (`flownp.core`), checkpoints (`flownp.checkpoint`) and the model space (`ingest.space`), and
+nothing of the jobs or the web layer.
+
+- `build_model(version, ck, digest, ...)` / `default_model()`: a `LoadedModel` from a verified checkpoint
+  (`flownp.checkpoint.load_verified`: one read, sha256, weights_only=True).
+- `Task`: one request's normalised inputs, built from degrees and ERA5 values by `task(...)`.
+- `extrapolate` / `log_likelihood`: the work. Log-likelihoods come back over ERA5 units (`LL_UNITS`,
+  docs/protocol.md §6) and over normalised values, with their estimator and solver. A `check` callable,
+  when given, is called at every velocity evaluation (the service raises from it past a deadline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from flownp import default_model as _default
+from flownp.checkpoint import lineage_n_ctx_min, load_verified, model_from_checkpoint
+from flownp.core.likelihood import log_likelihood as _log_likelihood
+from flownp.core.model import count_parameters
+from flownp.core.sampling import sample as _sample
+from flownp.core.sampling import task_transform as _task_transform
+from flownp.core.solvers import SolverConfig
+from ingest.normalize import Normalizer
+from ingest.region import Region
+from ingest.space import UNITS, DomainError, ModelSpace
+from ingest.variables import BY_NAME, NAMES
+
+__all__ = ["LL_KIND", "LL_UNITS", "LoadedModel", "Task", "build_model", "default_checkpoint", "default_model",
+           "extrapolate", "log_likelihood", "parse_solver", "resolve_estimator"]
+
+LL_KIND = "joint over the targets given the context"
+LL_UNITS = UNITS["era5"]
+
+
+def parse_solver(spec: str) -> SolverConfig:
+    """'euler:16', 'midpoint:100', 'rk4:32' or 'dopri5' / 'dopri5:1e-5' (rtol = atol)."""
+    method, _, arg = spec.partition(":")
+    if method in ("euler", "midpoint", "rk4"):
+        return SolverConfig(method, int(arg or 16))
+    tol = float(arg) if arg else 1e-5
+    return SolverConfig(method, rtol=tol, atol=tol)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: the network, its ModelSpace, and what its checkpoint says of it."""
+
+    version: str
+    model: Any
+    space: ModelSpace
+    info: dict[str, Any]
+    trained_min_context: int | None = None  # the smallest n_ctx over its training lineage, if recorded
+    log_jac: float = field(init=False)  # log |d normalised / d ERA5 units| per point
+
+    def __post_init__(self) -> None:
+        self.log_jac = self.space.log_jacobian("era5")
+
+    @property
+    def normalizer(self) -> Normalizer:
+        return self.space.normalizer
+
+    @property
+    def region(self) -> Region:
+        return self.space.region
+
+    @property
+    def independent(self) -> bool:
+        return getattr(self.model.config, "targets", "joint") == "independent"
+
+    def min_context(self, floor: Any = 1) -> int:
+        """Fewest context points a request may send: `floor` (a number, or settings with a `min_context`),
+        raised to the smallest context the model was trained on in any stage
+        (`flownp.checkpoint.lineage_n_ctx_min`): below it the model extrapolates outside its training
+        distribution."""
+        return max(int(getattr(floor, "min_context", floor)), self.trained_min_context or 0)
+
+    def check_context_size(self, n_ctx: int, floor: Any = 1) -> None:
+        """DomainError (too_few) when the context is smaller than `min_context(floor)`."""
+        need = self.min_context(floor)
+        if n_ctx < need:
+            raise DomainError("too_few", f"context has {n_ctx} point(s); model {self.version} needs at least "
+                              f"{need} (the fewest it was trained on)")
+
+
+def build_model(version: str, ck: dict[str, Any], digest: str | None, source: str,
+                extra: dict[str, Any] | None = None) -> LoadedModel:
+    """A LoadedModel (frozen weights, eval mode) from a checkpoint dict and what is known of it."""
+    extra = dict(extra or {})
+    model = model_from_checkpoint(ck)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    space = ModelSpace.from_dict(ck)
+    region, normalizer = space.region, space.normalizer
+    cfg = ck["model_config"]
+    independent = cfg.get("targets") == "independent"
+    trained_min = lineage_n_ctx_min(ck)  # a fine-tune's base may have been trained on smaller contexts
+    info = {
+        "version": version, "source": source, "sha256": digest, "kind": ck.get("kind"), "step": ck.get("step"),
+        "synthetic": bool(extra.pop("synthetic", False)), "model_config": cfg,
+        "gav": ck.get("gav_config") is not None,
+        "n_parameters": int(count_parameters(model)),
+        "log_likelihood": {"auto": "exact-blocks" if independent else "hutchinson",
+                           "exact": "exact-blocks" if independent else "exact-full (small target sets)",
+                           "units": LL_UNITS},
+        "variables": {n: {"units": BY_NAME[n].era5_units, "long_name": BY_NAME[n].long_name} for n in NAMES},
+        "normalizer": normalizer.to_dict(),
+        "region": {"name": region.name, "centre_latitude": region.centre_lat, "centre_longitude": region.centre_lon,
+                   "radius_degrees": region.radius_degrees,
+                   "circle_points": region.n_points, "bounds": region.bounds},
+        "trained_min_context": trained_min,
+        "store_manifest_sha256": ck.get("store_manifest_sha256"), "versions": ck.get("versions"), **extra,
+    }
+    return LoadedModel(version, model, space, info, trained_min)
+
+
+def default_checkpoint() -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(checkpoint, sha256, manifest) of the embedded default model, verified against its manifest."""
+    ckpt, _ = _default.default_paths()
+    man = _default.read_manifest()
+    ck, digest = load_verified(ckpt, man["sha256"], "embedded default model")
+    return ck, digest, man
+
+
+def default_model() -> LoadedModel:
+    """The embedded default model (SYNTHETIC: trained on generated GP weather, not ERA5), verified."""
+    ck, digest, man = default_checkpoint()
+    extra = {k: man.get(k) for k in ("description", "recipe", "trained_on")}
+    return build_model(man["version"], ck, digest, "embedded", {**extra, "synthetic": True})
+
+
+# ---- the work ------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """One request's model inputs: context (1, n_ctx, 2|4) and targets (1, n_tgt, 2), normalised."""
+
+    xc: torch.Tensor
+    yc: torch.Tensor
+    xt: torch.Tensor
+    yt: torch.Tensor | None = None
+
+
+def task(space: ModelSpace, ctx_lat: Sequence[float], ctx_lon: Sequence[float], ctx_era5: np.ndarray,
+         tgt_lat: Sequence[float], tgt_lon: Sequence[float], tgt_era5: np.ndarray | None = None) -> Task:
+    """A Task from degrees and (n, 4) values in ERA5 units (no checks here: `ModelSpace.check_*`)."""
+    t = lambda a: torch.from_numpy(a)[None]  # noqa: E731
+    return Task(t(space.xy(ctx_lat, ctx_lon)), t(space.to_normalised(ctx_era5)), t(space.xy(tgt_lat, tgt_lon)),
+                None if tgt_era5 is None else t(space.to_normalised(tgt_era5)))
+
+
+def resolve_estimator(independent: bool, estimator: str, n_tgt: int, max_exact_full: int | None = None) -> str:
+    """'auto' | 'exact' | 'hutchinson' -> what flownp.core.likelihood will use: exact-blocks for
+    independent targets, else Hutchinson ('auto') or exact-full ('exact', at most `max_exact_full`
+    targets: DomainError too_many beyond)."""
+    if estimator == "hutchinson" or (estimator == "auto" and not independent):
+        return "hutchinson"
+    if independent:
+        return "exact-blocks"
+    if estimator not in ("auto", "exact"):
+        return estimator  # already resolved (exact-full, exact-blocks)
+    if max_exact_full is not None and n_tgt > max_exact_full:
+        raise DomainError("too_many", f"the exact trace of this joint-target model costs one backward pass "
+                          f"per target value; at most {max_exact_full} targets (got {n_tgt}); "
+                          "use estimator 'hutchinson' or 'auto'")
+    return "exact-full"
+
+
+class _Watched:
+    """The model as flownp.core.sampling / flownp.core.likelihood see it, calling `check()` at every
+    velocity evaluation (so a job can be stopped within one solver step)."""
+
+    def __init__(self, model: Any, check: Callable[[], None]) -> None:
+        self._m, self._check = model, check
+
+    @property
+    def config(self) -> Any:
+        return self._m.config
+
+    def encode_context(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._m.encode_context(*a, **kw)
+
+    def velocity(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._m.velocity(*a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._m, name)
+        if name == "base" and hasattr(attr, "velocity"):  # a GAV model's likelihood calls its base directly
+            return _Watched(attr, self._check)
+        return attr
+
+
+def _watched(model: Any, check: Callable[[], None] | None) -> Any:
+    return model if check is None else _Watched(model, check)
+
+
+def extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: SolverConfig, seed: int,
+                with_ll: bool, ll_solver: SolverConfig, estimator: str, n_probes: int = 1,
+                check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Samples (S, n_tgt, 4) in ERA5 units and, if asked, each sample's joint log-likelihood [nats, over
+    ERA5 units: `units`] with its estimator (also over normalised values)."""
+    m = _watched(lm.model, check)
+    gen = torch.Generator().manual_seed(seed)
+    # a model's per-task transform (its GP base) is fitted once and serves the samples and their scores
+    tr = _task_transform(lm.model, task.xc, task.yc, task.xt)
+    res = _sample(m, task.xc, task.yc, task.xt, n_samples=num_samples, solver=solver, generator=gen, transform=tr)
+    smp = res.samples[0]  # (S, n, 4) normalised
+    out: dict[str, Any] = {"samples": lm.space.to_era5(smp.numpy()), "nfe": res.nfe}
+    if with_ll:
+        s, n = num_samples, task.xt.shape[1]
+        ll = _log_likelihood(m, task.xc.expand(s, -1, -1), task.yc.expand(s, -1, -1), task.xt.expand(s, -1, -1),
+                             smp, solver=ll_solver, estimator=estimator, n_probes=n_probes, seed=seed,
+                             transform=None if tr is None else tr.repeat(s))
+        joint_n = ll.joint.numpy().astype(np.float64)
+        out["ll"] = {"joint": lm.space.log_density(joint_n, n, "era5"), "joint_normalised": joint_n,
+                     "units": LL_UNITS, "kind": LL_KIND,
+                     "spread": None if ll.spread is None else ll.spread.numpy().astype(np.float64),
+                     "estimator": ll.estimator, "n_probes": ll.n_probes, "nfe": ll.nfe, "solver": ll.solver}
+    return out
+
+
+def log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, estimator: str, n_probes: int = 1,
+                   seed: int = 0, check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Joint log p(yt | xt, context) [nats] over ERA5 units (`units`) and over normalised values."""
+    assert task.yt is not None, "a log-likelihood task needs target values"
+    m = _watched(lm.model, check)
+    ll = _log_likelihood(m, task.xc, task.yc, task.xt, task.yt, solver=solver, estimator=estimator,
+                         n_probes=n_probes, seed=seed)
+    n = task.xt.shape[1]
+    joint_n = float(ll.joint[0])
+    return {"joint": float(lm.space.log_density(joint_n, n, "era5")), "joint_normalised": joint_n,
+            "units": LL_UNITS, "kind": LL_KIND,
+            "spread": None if ll.spread is None else float(ll.spread[0]), "estimator": ll.estimator,
+            "n_probes": ll.n_probes, "nfe": ll.nfe, "n_targets": n, "solver": ll.solver}
