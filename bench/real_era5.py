@@ -399,14 +399,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
+    """The benchmark (no gradients, `args.threads` torch threads; both restored afterwards, so a caller's
+    process, e.g. a test session, is left as it was)."""
     import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            if args.threads > 0:
+                torch.set_num_threads(args.threads)
+            return _run(args, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from flownp.jobs.evaluate import evaluate_predictor
 
-    torch.set_grad_enabled(False)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     t0 = time.time()
     file = Path(args.file)
     phys, map_time = load_map(file)

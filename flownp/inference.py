@@ -129,9 +129,10 @@ def default_checkpoint() -> tuple[dict[str, Any], str, dict[str, Any]]:
 
 
 def default_model() -> LoadedModel:
-    """The embedded default model (SYNTHETIC: trained on generated GP weather, not ERA5), verified."""
+    """The embedded default model (trained on SYNTHETIC weather, not ERA5; its real-map figures in the
+    manifest's `real_map`), verified."""
     ck, digest, man = default_checkpoint()
-    extra = {k: man.get(k) for k in ("description", "recipe", "trained_on")}
+    extra = {k: man.get(k) for k in ("description", "recipe", "trained_on", "real_map")}
     return build_model(man["version"], ck, digest, "embedded", {**extra, "synthetic": True})
 
 

@@ -113,8 +113,9 @@ class Observations(Points):
 class LikelihoodOptions(Strict):
     """How a log-likelihood is integrated: reverse ODE from data (t=1) to noise (t=0)."""
 
+    # defaults from the solver study on the default model (docs/results.md §5: fixed steps vs dopri5)
     solver: Solver = "midpoint"
-    steps: int = Field(8, ge=1)
+    steps: int = Field(2, ge=1)
     estimator: Estimator = Field("auto", description="auto: exact trace where cheap (independent-target "
                                  "models), else Hutchinson; exact: always exact (small target sets); "
                                  "hutchinson: n_probes Rademacher probes.")
@@ -145,7 +146,7 @@ class ExtrapolateRequest(Strict):
         "circle", description="Points, or 'circle': every point of the region's circle not in the context.")
     num_samples: int = Field(8, ge=1)
     solver: Solver = "euler"
-    steps: int = Field(16, ge=1)
+    steps: int = Field(8, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Noise seed; none: drawn and echoed back.")
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
     include: list[Part] = Field(default_factory=lambda: ["samples", "mean", "std", "quantiles", "log_likelihood"])
@@ -181,7 +182,7 @@ class LogLikelihoodRequest(Strict):
     context: Observations
     targets: Observations
     solver: Solver = "midpoint"
-    steps: int = Field(32, ge=1)
+    steps: int = Field(8, ge=1)
     estimator: Estimator = "auto"
     n_probes: int = Field(1, ge=1)
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the Hutchinson probes.")
