@@ -10,7 +10,8 @@ C = TypeVar("C", bound="DictConfig")
 
 
 class DictConfig:
-    """Mixin for a dataclass: `to_dict()` (tuples as lists, JSON-friendly) and `from_dict(d)`. Keys the
+    """Mixin for a dataclass: `to_dict()` (tuples as lists, JSON-friendly) and `from_dict(d)` (lists back to
+    tuples, so a frozen config round-trips to an equal one). Keys the
     class does not know are dropped (configs read from older or newer files), or refused when the class
     sets `STRICT_KEYS = True` (configs a user writes by hand)."""
 
@@ -25,4 +26,4 @@ class DictConfig:
         unknown = set(d) - known
         if unknown and cls.STRICT_KEYS:
             raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})

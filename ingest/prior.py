@@ -46,10 +46,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, ClassVar, Iterable, Iterator, Literal
 
 import numpy as np
 
+from ingest.configs import DictConfig
 from ingest.io import sha256_file, write_json_atomic
 from ingest.region import MEMPHIS, Region
 from ingest.synthetic import (
@@ -83,8 +84,10 @@ _NONNEG = ("sp_std", "t2m_large_std", "t2m_small_std", "wind_small_std", "wind_c
 # configuration
 # ==================================================================================================
 @dataclass(frozen=True)
-class BroadPriorConfig:
+class BroadPriorConfig(DictConfig):
     """Ranges (lo, hi) of the per-map hyperparameters (kPa, degC, m/s, km) and the fixed fields."""
+
+    STRICT_KEYS: ClassVar[bool] = True  # written by hand (--prior-config): a misspelt key is an error
 
     # means and gradients (uniform): all seasons
     sp_mean: Range = (96.0, 104.0)               # kPa at the centre, before terrain
@@ -172,16 +175,6 @@ class BroadPriorConfig:
         if self.terrain_max_m < 0 or self.front_offset_max_km < 0:
             raise ValueError("terrain_max_m and front_offset_max_km must be >= 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BroadPriorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown BroadPriorConfig setting(s): {sorted(unknown)}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 # ==================================================================================================
@@ -253,21 +246,7 @@ class MapLaw(GPWeather):
     def covariance(self, points: Any) -> np.ndarray:
         """(4n, 4n) exact covariance at circle points `points`, point-major (row 4 k + v)."""
         p = self._points(points)
-        ci = self.region.circle_index[p]
-        il, jl = ci[:, 0], ci[:, 1]
-        n = p.size
-        out = np.empty((n, 4, n, 4))
-        for v in range(4):
-            for w in range(v, 4):
-                blk = np.zeros((n, n))
-                for a, b in self._grid_factors(v, w):
-                    blk += a[np.ix_(il, il)] * b[np.ix_(jl, jl)]
-                if v == w:
-                    blk[np.diag_indices(n)] += self._noise[v] ** 2
-                out[:, v, :, w] = blk
-                if w != v:
-                    out[:, w, :, v] = blk.T
-        return out.reshape(4 * n, 4 * n)
+        return self.grid_points_covariance(self.region.circle_index[p]).reshape(4 * p.size, 4 * p.size)
 
     def sample_one(self, rng: np.random.Generator) -> np.ndarray:
         """One map (lat, lon, 4) in model units."""

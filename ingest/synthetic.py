@@ -346,7 +346,10 @@ class GPWeather:
     def circle_covariance(self) -> np.ndarray:
         """(P, 4, P, 4) float64 covariance over all circle points (cached, ~200 MB for P = 1245);
         `.reshape(4P, 4P)` is the point-major covariance."""
-        ci = self.region.circle_index
+        return self.grid_points_covariance(self.region.circle_index)
+
+    def grid_points_covariance(self, ci: np.ndarray) -> np.ndarray:
+        """(n, 4, n, 4) float64 covariance at grid points ci (n, 2) = (i_lat, i_lon)."""
         il, jl = ci[:, 0], ci[:, 1]
         n = len(ci)
         out = np.empty((n, 4, n, 4))

@@ -188,7 +188,11 @@ def test_scaled_frame_target_vanishes_in_expectation_for_gaussian_data():
         tm = float(t[m].mean())
         slope = float((y * v).mean() / (y * y).mean())
         assert abs(slope - (2 * tm - 1) / float(path_scale(torch.tensor(tm))) ** 2) < 0.05
-    assert torch.allclose(frame.yt[plain.t == 0], plain.yt[plain.t == 0]) if bool((plain.t == 0).any()) else True
+    # at t = 0 and t = 1 the frame is the identity on the state (sigma = 1)
+    edge = sample_path(y1[:, :4], generator=g)
+    edge.t[:] = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    edge.yt[:] = torch.where(edge.t[..., None] == 0, -y1[:, :4], y1[:, :4])
+    assert torch.equal(scaled_frame(edge).yt, edge.yt)
 
 
 def test_gp_base_model_trains_and_fine_tunes(tiny_store, tmp_path):
@@ -221,14 +225,53 @@ def test_gp_base_model_trains_and_fine_tunes(tiny_store, tmp_path):
 
 def test_a_repeated_transform_scores_samples_as_a_fresh_one():
     """Scoring S samples of one task with the task's transform repeated gives what fitting it per copy gives."""
-    xc, yc, xt, _ = (a.double() for a in _task(7, b=1))
+    xc, yc, xt, _ = (a.double() for a in _task(7, b=2))
     model = _model(standardise="context", base="gp", velocity="residual")
     torch.nn.init.normal_(model.head[-1].weight, std=0.1)
     tr = model.task_transform(xc, yc, xt)
     s = sample(model, xc, yc, xt, n_samples=3, solver=SolverConfig("euler", 4), transform=tr,
-               generator=torch.Generator().manual_seed(1)).samples[0]
+               generator=torch.Generator().manual_seed(1)).samples  # (2, 3, n, D)
     kw = dict(solver=SolverConfig("euler", 4), estimator="exact")
-    rep = lambda a: a.expand(3, -1, -1)  # noqa: E731
-    fast = log_likelihood(model, rep(xc), rep(yc), rep(xt), s, transform=tr.repeat(3), **kw).joint
-    slow = log_likelihood(model, rep(xc), rep(yc), rep(xt), s, **kw).joint
+    rep = lambda a: a.repeat_interleave(3, dim=0)  # noqa: E731  (copy index fastest)
+    flat = s.reshape(6, *s.shape[2:])
+    fast = log_likelihood(model, rep(xc), rep(yc), rep(xt), flat, transform=tr.repeat(3), **kw).joint
+    slow = log_likelihood(model, rep(xc), rep(yc), rep(xt), flat, **kw).joint
     assert torch.allclose(fast, slow, atol=1e-9)
+    # the copies share the task's whitening: nothing of size n_t x n_t per copy
+    assert tr.repeat(3).base.w.shape[0] == 2
+
+
+def test_degenerate_contexts_stay_finite():
+    """A constant variable, a single context point and two context points give finite, invertible transforms
+    (the signal variance floor and the two-point median/MAD)."""
+    g = torch.Generator().manual_seed(8)
+    xt = torch.rand(1, 5, 2, generator=g, dtype=torch.float64) * 10
+    yt = torch.randn(1, 5, 4, generator=g, dtype=torch.float64)
+    for n in (1, 2, 30):
+        xc = torch.rand(1, n, 2, generator=g, dtype=torch.float64) * 10
+        yc = torch.randn(1, n, 4, generator=g, dtype=torch.float64)
+        yc[..., 3] = 0.7  # a constant variable
+        tr = task_transform(xc, yc, xt, standardise="context", base="gp", whitening="symmetric", floor=0.05,
+                            settings=GPFitSettings())
+        assert torch.isfinite(tr.log_jacobian()).all() and torch.allclose(tr.inverse(tr.forward(yt)), yt, atol=1e-6)
+    # two context points: the median is their mean and the spread is half their distance (x 1.4826), not the floor
+    yc2 = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]]], dtype=torch.float64)
+    loc, scale = standardiser(yc2, "context", 0.05)
+    assert torch.allclose(loc, torch.ones_like(loc)) and torch.allclose(scale, torch.full_like(scale, 1.4826))
+
+
+def test_fit_subset_ignores_the_order_of_repeated_locations():
+    """Repeated locations with different values straddling the subset's cut-off: the same set is kept."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(1, 40, 2, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x], 1)  # every location twice
+    y = torch.randn(1, 80, 4, generator=g, dtype=torch.float64)
+    want = None
+    for seed in range(10):
+        p = torch.randperm(80, generator=torch.Generator().manual_seed(seed))
+        from flownp.core.gp_base import invariant_subset
+
+        idx = invariant_subset(x[:, p], y[:, p], 41)
+        kept = sorted(map(tuple, torch.cat([x[:, p], y[:, p]], -1)[0, idx[0]].tolist()))
+        want = want or kept
+        assert kept == want

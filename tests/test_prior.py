@@ -64,7 +64,7 @@ def test_config_round_trip_and_validation() -> None:
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):
             BroadPriorConfig(**kw)
-    with pytest.raises(ValueError, match="unknown BroadPriorConfig setting"):
+    with pytest.raises(ValueError, match="unknown BroadPriorConfig field"):
         BroadPriorConfig.from_dict({"t2m_mean": [0, 1], "bogus": 1})
 
 

@@ -38,7 +38,8 @@ def test_extrapolate_json_echoes_coordinates_and_labels_everything(client):
     ll = j["log_likelihood"]
     assert len(ll["values"]) == 2 and all(np.isfinite(ll["values"]))
     assert ll["kind"].startswith("joint") and ll["units"].startswith("nats")
-    assert ll["estimator"] == "hutchinson-rademacher" and ll["n_probes"] == 1
+    # the default model's targets are independent given its GP base: 'auto' is the exact block trace
+    assert ll["estimator"] == "exact-blocks" and ll["n_probes"] == 1
     assert ll["solver"] == "midpoint" and ll["steps"] == 2
     assert j["timing"]["engine_ms"] > 0
 
@@ -86,7 +87,7 @@ def test_log_likelihood_hutchinson_spread_and_exact_trace(client):
     assert j["per_point"] == pytest.approx(j["joint"] / 6)
     # ERA5 units <-> normalised: differ by n * log|d normalised / d ERA5 units|
     ex = client.post("/v1/log-likelihood", json=small_ll_request(estimator="exact")).json()
-    assert ex["estimator"] == "exact-full" and ex["spread"] is None and np.isfinite(ex["joint"])
+    assert ex["estimator"] == "exact-blocks" and ex["spread"] is None and np.isfinite(ex["joint"])
     assert ex["joint"] != ex["joint_normalised"]
     # the probe mean is an unbiased estimate of the exact trace: close for a tiny model and 3 probes
     assert abs(j["joint"] - ex["joint"]) < 5 * max(j["spread"], 1.0)
@@ -97,6 +98,8 @@ def test_models_announce_the_synthetic_default(client):
     (m,) = j["models"]
     assert j["default"] == m["version"] == "synthetic-default" and m["synthetic"] is True
     assert "SYNTHETIC" in m["description"] and m["source"] == "embedded" and len(m["sha256"]) == 64
+    # what it was trained on and its real-map figures are announced
+    assert "broad" in m["trained_on"]["data"] and m["real_map"]["dense"]["rmse"]["sp"] > 0
     assert m["variables"]["t2m"]["units"] == "K" and m["region"]["circle_points"] == 1245
     assert client.get("/v1/models/synthetic-default").json()["sha256"] == m["sha256"]
     r = client.get("/v1/models/v9999")

@@ -99,8 +99,6 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("quantile above 1", "/v1/extrapolate", mutate("quantiles", [0.5, 1.5]), {}, 422, "out_of_range"),
     ("targets keyword unknown", "/v1/extrapolate", mutate("targets", "grid"), {}, 422, "invalid_choice"),
     ("time not ISO 8601", "/v1/extrapolate", mutate("context.time", "yesterday"), {}, 422, "invalid_value"),
-    ("exact trace on too many joint targets", "/v1/extrapolate", mutate("log_likelihood.estimator", "exact",
-     small_request(n_tgt=40)), {}, 422, "too_many"),
     ("missing context", "/v1/extrapolate", mutate("context", DELETE), {}, 422, "missing_field"),
     ("unknown part to include", "/v1/extrapolate", mutate("include", ["samples", "pdf"]), {}, 422, "invalid_choice"),
     ("unknown format", "/v1/extrapolate", mutate("format", "xml"), {}, 422, "invalid_choice"),
@@ -189,3 +187,15 @@ def test_fuzz_whole_body_never_500(fuzz_client, body, route):
     r = post(fuzz_client, route, json.dumps(body, allow_nan=True), {})
     assert 400 <= r.status_code < 500
     assert_clean_error(r, r.status_code)
+
+
+def test_exact_trace_on_too_many_joint_targets_is_refused():
+    """(The default model has independent targets, so this is checked where the estimator is resolved.)"""
+    from flownp.inference import resolve_estimator
+    from ingest.space import DomainError
+
+    assert resolve_estimator(True, "exact", 5000, max_exact_full=32) == "exact-blocks"
+    assert resolve_estimator(False, "exact", 32, max_exact_full=32) == "exact-full"
+    with pytest.raises(DomainError) as e:
+        resolve_estimator(False, "exact", 40, max_exact_full=32)
+    assert e.value.code == "too_many"

@@ -30,6 +30,8 @@ class ModelConfig:
               (per-point standard scores).
     gp_kernels: comma-separated kernel families the GP fit chooses from by marginal likelihood.
     gp_fit_points: size of the (order-invariant) context subset the GP hyperparameters are fitted on.
+    gp_ell_min, gp_ell_max, gp_n_ell, gp_noise_ratios: the fit's grid (length scales log-spaced in model
+              coordinates, noise variances as fractions of the signal variance).
     velocity: "network" (the network is the velocity of the linear path) or "residual" (it is the velocity
               in the frame u = y / sigma(t), where the path between two N(0, I) laws stands still; its last
               layer starts at zero, so the untrained model is exactly its base; flownp.core.paths).
@@ -54,8 +56,12 @@ class ModelConfig:
     standardise: str = "none"
     base: str = "standard"
     whitening: str = "symmetric"
-    gp_kernels: str = "matern52,se"
+    gp_kernels: str = "matern32,matern52"
     gp_fit_points: int = 256
+    gp_ell_min: float = 0.5
+    gp_ell_max: float = 60.0
+    gp_n_ell: int = 12
+    gp_noise_ratios: str = "1e-5,1e-4,1e-3,1e-2,1e-1"
     standardise_floor: float = 0.05
     velocity: str = "network"
 
@@ -79,6 +85,14 @@ class ModelConfig:
             raise ValueError(f"gp_kernels must list se, matern52 or matern32, got {self.gp_kernels!r}")
         if self.gp_fit_points < 8:
             raise ValueError("gp_fit_points must be >= 8")
+        if not (0 < self.gp_ell_min < self.gp_ell_max) or self.gp_n_ell < 1:
+            raise ValueError("need 0 < gp_ell_min < gp_ell_max and gp_n_ell >= 1")
+        try:
+            ratios = [float(r) for r in self.gp_noise_ratios.split(",") if r]
+        except ValueError:
+            ratios = []
+        if not ratios or any(not r > 0 for r in ratios):
+            raise ValueError(f"gp_noise_ratios must be positive numbers, got {self.gp_noise_ratios!r}")
         if not self.standardise_floor > 0:
             raise ValueError("standardise_floor must be > 0")
         if self.velocity not in ("network", "residual"):

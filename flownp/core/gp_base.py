@@ -24,6 +24,7 @@ cast back to the inputs' dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -54,21 +55,25 @@ def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(0)
 
 
-def invariant_subset(xc: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, min(k, n)) indices of context points chosen by a hash of their coordinates, so the subset is
-    the same set whatever the order of the context (the fit is permutation invariant)."""
+def invariant_subset(xc: torch.Tensor, yc: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, min(k, n)) indices of context points chosen by a hash of their coordinates (ties between
+    repeated locations broken by their values), so the subset is the same set whatever the order of the
+    context: the fit is permutation invariant."""
     n = xc.shape[1]
     if n <= k:
         return torch.arange(n, device=xc.device).expand(xc.shape[0], n)
     h = torch.frac(torch.sin(xc[..., 0].double() * 12.9898 + xc[..., 1].double() * 78.233) * 43758.5453)
-    return h.argsort(dim=1)[:, :k]
+    # ties (repeated locations) are broken by the values, so the kept copy does not depend on the order
+    by_value = torch.argsort(yc.double().sum(-1), dim=1, stable=True)
+    order = torch.argsort(torch.gather(h, 1, by_value), dim=1, stable=True)
+    return torch.gather(by_value, 1, order)[:, :k]
 
 
 @dataclass(frozen=True)
 class GPFitSettings:
     """The hyperparameter grid (model coordinates: 2 units per degree) and fit subset size."""
 
-    kernels: tuple[str, ...] = ("matern52", "se")
+    kernels: tuple[str, ...] = ("matern32", "matern52")
     ell_min: float = 0.5
     ell_max: float = 60.0
     n_ell: int = 12
@@ -87,10 +92,15 @@ class GPHyper:
     noise: torch.Tensor
 
 
+S2_FLOOR = 1e-2  # signal variance floor, standardised units: a constant context variable stays well posed
+
+
 def fit_hyper(xc: torch.Tensor, zc: torch.Tensor, st: GPFitSettings) -> GPHyper:
     """Maximum marginal likelihood over the grid, per task and variable (float64). The mean is zero
-    (zc is standardised); the signal variance is profiled out: s2 = z^T R^-1 z / m."""
-    idx = invariant_subset(xc, st.fit_points)
+    (zc is standardised); the signal variance is profiled out: s2 = z^T R^-1 z / m, floored at S2_FLOOR
+    (a constant context variable, z = 0, would otherwise give a zero covariance). Memory: one length scale
+    at a time, (B, n_noise, m, m)."""
+    idx = invariant_subset(xc, zc, st.fit_points)
     x = torch.gather(xc.double(), 1, idx[..., None].expand(-1, -1, xc.shape[-1]))
     z = torch.gather(zc.double(), 1, idx[..., None].expand(-1, -1, zc.shape[-1]))  # (B, m, D)
     b, m, d = z.shape
@@ -101,24 +111,24 @@ def fit_hyper(xc: torch.Tensor, zc: torch.Tensor, st: GPFitSettings) -> GPHyper:
     eye = torch.eye(m, dtype=torch.float64, device=xc.device)
     best = torch.full((b, d), math.inf, dtype=torch.float64, device=xc.device)
     out = [torch.zeros((b, d), dtype=torch.float64, device=xc.device) for _ in range(4)]
+    zr = z[:, None].expand(-1, len(rs), -1, -1)  # (B, R, m, D)
     for ki, kind in enumerate(st.kernels):
-        r0 = kernel(d2[:, None], ells.view(1, -1, 1, 1), kind)  # (B, E, m, m)
-        rr = r0[:, :, None] + rs.view(1, 1, -1, 1, 1) * eye  # (B, E, R, m, m)
-        chol, info = torch.linalg.cholesky_ex(rr)
-        alpha = torch.linalg.solve_triangular(chol, z[:, None, None].expand(-1, len(ells), len(rs), -1, -1),
-                                              upper=False)  # (B, E, R, m, D)
-        s2 = alpha.pow(2).sum(-2) / m  # (B, E, R, D)
-        logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (B, E, R)
-        nll = 0.5 * m * torch.log(s2.clamp_min(1e-300)) + logdet[..., None]
-        nll = torch.where((info == 0)[..., None], nll, torch.full_like(nll, math.inf))
-        flat = nll.reshape(b, -1, d)
-        val, arg = flat.min(1)  # (B, D)
-        better = val < best
-        ei, ri = arg // len(rs), arg % len(rs)
-        s2_best = torch.gather(s2.reshape(b, -1, d), 1, arg[:, None]).squeeze(1)
-        best = torch.where(better, val, best)
-        for o, v in zip(out, (torch.full_like(val, ki), ells[ei], s2_best, rs[ri] * s2_best)):
-            o.copy_(torch.where(better, v, o))
+        for ell in ells:
+            rr = kernel(d2, ell, kind)[:, None] + rs.view(1, -1, 1, 1) * eye  # (B, R, m, m)
+            chol, info = torch.linalg.cholesky_ex(rr)
+            alpha = torch.linalg.solve_triangular(chol, zr, upper=False)  # (B, R, m, D)
+            s2 = (alpha.pow(2).sum(-2) / m).clamp_min(S2_FLOOR)  # (B, R, D)
+            logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (B, R)
+            # with s2 floored the profile is no longer exact in s2, so use the full Gaussian nll at s2
+            quad = alpha.pow(2).sum(-2) / s2
+            nll = 0.5 * quad + 0.5 * m * torch.log(s2) + logdet[..., None]
+            nll = torch.where((info == 0)[..., None], nll, torch.full_like(nll, math.inf))
+            val, ri = nll.min(1)  # (B, D)
+            better = val < best
+            s2_best = torch.gather(s2, 1, ri[:, None]).squeeze(1)
+            best = torch.where(better, val, best)
+            for o, v in zip(out, (torch.full_like(val, ki), ell.expand_as(val), s2_best, rs[ri] * s2_best)):
+                o.copy_(torch.where(better, v, o))
     kind_i, ell, s2, noise = out
     return GPHyper(kind_i.long(), ell, s2, noise)
 
@@ -135,21 +145,20 @@ class GaussianBase:
     logdet_w: torch.Tensor
     diagonal: bool
 
+    def _apply(self, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per variable, the (n_t, n_t) matrix (or diagonal) m applied to v (B, S, n_t, D) -> (B, S, n_t, D),
+        the S copies stacked as columns (no copy of m per sample)."""
+        cols = v.permute(0, 3, 2, 1)  # (B, D, n_t, S)
+        out = cols * m[..., None] if self.diagonal else m @ cols
+        return out.permute(0, 3, 2, 1)
+
     def whiten(self, z: torch.Tensor) -> torch.Tensor:
-        r = (z.double() - self.mu).transpose(1, 2)  # (B, D, n_t)
-        e = r * self.w if self.diagonal else (self.w @ r[..., None]).squeeze(-1)
-        return e.transpose(1, 2)
+        """z (B, S, n_t, D) -> eps = W (z - mu), same shape."""
+        return self._apply(self.w, z.double() - self.mu[:, None])
 
     def colour(self, eps: torch.Tensor) -> torch.Tensor:
-        """eps (B, S, n_t, D) or (B, n_t, D) -> z of the same shape."""
-        e = eps.double()
-        squeeze = e.dim() == 3
-        if squeeze:
-            e = e[:, None]
-        et = e.permute(0, 1, 3, 2)  # (B, S, D, n_t)
-        z = et * self.w_inv[:, None] if self.diagonal else (self.w_inv[:, None] @ et[..., None]).squeeze(-1)
-        z = z.permute(0, 1, 3, 2) + self.mu[:, None]
-        return z[:, 0] if squeeze else z
+        """eps (B, S, n_t, D) -> z = mu + W^-1 eps, same shape."""
+        return self._apply(self.w_inv, eps.double()) + self.mu[:, None]
 
 
 def gp_posterior(xc: torch.Tensor, zc: torch.Tensor, xt: torch.Tensor, hyp: GPHyper, st: GPFitSettings,
@@ -192,7 +201,7 @@ def _cholesky(a: torch.Tensor, tries: int = 5) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
     if not bool((info != 0).any()):
         return chol
-    scale = torch.diagonal(a, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    scale = torch.diagonal(a, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)[..., None, None]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     for k in range(tries):
         chol, info = torch.linalg.cholesky_ex(a + scale * 10.0 ** (-10 + 2 * k) * eye)
@@ -203,43 +212,54 @@ def _cholesky(a: torch.Tensor, tries: int = 5) -> torch.Tensor:
 
 @dataclass
 class TaskTransform:
-    """The per-task bijection y (normalised) <-> the flow's state, for one batch of tasks.
-    loc, scale (B, 1, D): the standardisation; base: the GP whitening (None: identity)."""
+    """The per-task bijection y (normalised) <-> the flow's state, for one batch of B tasks.
+    loc, scale (B, 1, D): the standardisation; base: the GP whitening (None: identity). `copies` = S means
+    the tensors it is applied to hold S copies of each task, batch B * S (copy index fastest), sharing the
+    task's transform without copying it (`repeat`)."""
 
     loc: torch.Tensor
     scale: torch.Tensor
     base: GaussianBase | None
     n_targets: int
+    copies: int = 1
 
     def repeat(self, n: int) -> "TaskTransform":
-        """The same transforms for n copies of each task: batch B -> B * n (copy index fastest), e.g. to
-        score n samples of one task without fitting its GP n times."""
-        r = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
-        base = None if self.base is None else GaussianBase(r(self.base.mu), r(self.base.w), r(self.base.w_inv),
-                                                           r(self.base.logdet_w), self.base.diagonal)
-        return TaskTransform(r(self.loc), r(self.scale), base, self.n_targets)
+        """The same transforms for n copies of each task (batch B -> B * n, copy index fastest), e.g. to
+        score n samples of one task without fitting its GP n times or copying its whitening n times."""
+        return dataclasses.replace(self, copies=self.copies * n)
+
+    def _grouped(self, y: torch.Tensor) -> torch.Tensor:
+        """(B * S, n, D) or (B, S, n, D) -> (B, S', n, D) float64 with the task index first."""
+        y = y.double()
+        if y.dim() == 3:
+            return y.reshape(self.loc.shape[0], -1, *y.shape[1:])
+        return y
 
     def context(self, yc: torch.Tensor) -> torch.Tensor:
-        """What the network sees of the context: standardised values, (B, n_ctx, D)."""
-        return ((yc - self.loc) / self.scale).to(yc.dtype)
+        """What the network sees of the context: standardised values (B * copies, n_ctx, D)."""
+        return self._ungroup((self._grouped(yc) - self.loc[:, None]) / self.scale[:, None], yc)
+
+    @staticmethod
+    def _ungroup(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape(like.shape).to(like.dtype)
 
     def forward(self, yt: torch.Tensor) -> torch.Tensor:
-        """Targets (B, n_t, D) -> the flow's data-side state eps (B, n_t, D)."""
-        z = (yt.double() - self.loc) / self.scale
-        return (self.base.whiten(z) if self.base is not None else z).to(yt.dtype)
+        """Targets (B * copies, n_t, D) or (B, S, n_t, D) -> the flow's data-side state eps, same shape."""
+        z = (self._grouped(yt) - self.loc[:, None]) / self.scale[:, None]
+        return self._ungroup(self.base.whiten(z) if self.base is not None else z, yt)
 
     def inverse(self, eps: torch.Tensor) -> torch.Tensor:
-        """eps (B, S, n_t, D) or (B, n_t, D) -> targets in normalised units, same shape."""
-        z = self.base.colour(eps) if self.base is not None else eps.double()
-        loc, scale = (self.loc, self.scale) if eps.dim() == 3 else (self.loc[:, None], self.scale[:, None])
-        return (z * scale + loc).to(eps.dtype)
+        """eps (B * copies, n_t, D) or (B, S, n_t, D) -> targets in normalised units, same shape."""
+        e = self._grouped(eps)
+        z = self.base.colour(e) if self.base is not None else e
+        return self._ungroup(z * self.scale[:, None] + self.loc[:, None], eps)
 
     def log_jacobian(self) -> torch.Tensor:
-        """(B,) log|det d eps / d y| over the whole target set, nats."""
+        """(B * copies,) log|det d eps / d y| over the whole target set of each (copy of a) task, nats."""
         lj = -self.n_targets * torch.log(self.scale).sum((-1, -2))
         if self.base is not None:
             lj = lj + self.base.logdet_w
-        return lj
+        return lj.repeat_interleave(self.copies)
 
 
 def standardiser(yc: torch.Tensor, mode: str, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,8 +272,8 @@ def standardiser(yc: torch.Tensor, mode: str, floor: float) -> tuple[torch.Tenso
     if mode != "context":
         raise ValueError(f"standardise must be 'none' or 'context', got {mode!r}")
     y = yc.double()
-    loc = y.median(dim=1, keepdim=True).values
-    mad = (y - loc).abs().median(dim=1, keepdim=True).values
+    loc = torch.quantile(y, 0.5, dim=1, keepdim=True)  # the mean of the two middle values for even n
+    mad = torch.quantile((y - loc).abs(), 0.5, dim=1, keepdim=True)
     return loc, (_MAD_TO_STD * mad).clamp_min(floor)
 
 

@@ -157,7 +157,9 @@ class FlowNP(nn.Module):
         c = self.config
         if not self.has_task_transform:
             return None
-        st = GPFitSettings(kernels=tuple(k for k in c.gp_kernels.split(",") if k), fit_points=c.gp_fit_points)
+        st = GPFitSettings(kernels=tuple(k for k in c.gp_kernels.split(",") if k), fit_points=c.gp_fit_points,
+                           ell_min=c.gp_ell_min, ell_max=c.gp_ell_max, n_ell=c.gp_n_ell,
+                           noise_ratios=tuple(float(r) for r in c.gp_noise_ratios.split(",") if r))
         return task_transform(xc, yc, xt, standardise=c.standardise, base=c.base, whitening=c.whitening,
                               floor=c.standardise_floor, settings=st)
 

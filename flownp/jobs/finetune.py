@@ -47,7 +47,9 @@ FINETUNE_TRAIN_DEFAULTS: dict[str, Any] = {"steps": 500, "batch_size": 8, "lr": 
 
 @dataclass(frozen=True)
 class FinetuneConfig(DictConfig):
-    """What fine-tuning does (the optimiser settings are a TrainConfig). sigma in normalised units."""
+    """What fine-tuning does (the optimiser settings are a TrainConfig). sigma (and the logged recon_mse)
+    are in the flow's units: normalised, or, for a model with a per-task transform (docs/protocol.md §10),
+    its whitened targets."""
 
     mode: str = "mle"
     coupling: str = "inversion"

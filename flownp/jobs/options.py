@@ -74,12 +74,12 @@ class Group:
     def options(self) -> list[Option]:
         hints = typing.get_type_hints(self.cls)
         fs = [f for f in dataclasses.fields(self.cls) if f.name not in self.exclude]
-        names = {f.name for f in fs}
+        names = {f.name for f in fs if hints[f.name] in (int, "int")}  # int pairs X_min, X_max fold
         out: list[Option] = []
         for f in fs:
-            if f.name.endswith("_max") and f.name[:-4] + "_min" in names:
+            if f.name.endswith("_max") and f.name in names and f.name[:-4] + "_min" in names:
                 continue  # folded into the range option below
-            if f.name.endswith("_min") and f.name[:-4] + "_max" in names:
+            if f.name.endswith("_min") and f.name in names and f.name[:-4] + "_max" in names:
                 base, hi = f.name[:-4], f.name[:-4] + "_max"
                 d = format_range(self._default(f), self._default(next(g for g in fs if g.name == hi)))
                 out.append(Option(self.prefix + base, str, d, self._help(base), (f.name, hi)))
