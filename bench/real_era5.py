@@ -219,12 +219,11 @@ def flownp_method(ck: dict[str, Any], label: str, info: dict[str, Any], args: ar
 
 def default_method(args: argparse.Namespace) -> Method:
     """The embedded default model, found and verified (sha256 against its manifest) as the service does."""
-    from service.engine import default_checkpoint
+    from flownp.default_model import default_paths
+    from flownp.inference import default_checkpoint
 
     ck, digest, man = default_checkpoint()
-    from service.default_model import default_paths
-
-    info = {"source": "embedded default model (service/models)", "path": str(default_paths()[0]),
+    info = {"source": "embedded default model (flownp/models)", "path": str(default_paths()[0]),
             "sha256": digest, "version": man.get("version"), "synthetic": bool(man.get("synthetic"))}
     return flownp_method(ck, f"FlowNP default ({man.get('version', 'default')})", info, args)
 
@@ -398,6 +397,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _shown(path: Path) -> str:
+    """A path as results show it: relative to the checkout's parent when under it (results committed to the
+    repository carry no machine paths)."""
+    p = Path(path).resolve()
+    for base, prefix in ((REPO.resolve(), ""), (REPO.parent.resolve(), "../")):
+        try:
+            return prefix + str(p.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
+
+
 def run(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
     """The benchmark (no gradients, `args.threads` torch threads; both restored afterwards, so a caller's
     process, e.g. a test session, is left as it was)."""
@@ -439,7 +450,7 @@ def _run(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
 
     xy = MEMPHIS.circle_xy
     result: dict[str, Any] = {
-        "benchmark": "real-era5", "file": str(file), "file_sha256": file_sha, "map_time": map_time,
+        "benchmark": "real-era5", "file": _shown(file), "file_sha256": file_sha, "map_time": map_time,
         "use": EVALUATION_ONLY, "region": MEMPHIS.name, "n_points": MEMPHIS.n_points,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "units": {"rmse": dict(ERA5_UNITS), "crps": dict(ERA5_UNITS),
@@ -450,7 +461,7 @@ def _run(args: argparse.Namespace, console: Any = None) -> dict[str, Any]:
         "methods": {m.label: {**m.info, "normaliser": m.normalizer.to_dict(),
                               "space": "checkpoint normaliser" if m.kind == "flownp" else "reference normaliser"}
                     for m in methods},
-        "manifest": manifest, "manifest_path": str(args.manifest), "manifest_note": note,
+        "manifest": manifest, "manifest_path": _shown(Path(args.manifest)), "manifest_note": note,
         "regimes": {},
     }
     for regime in regimes:
