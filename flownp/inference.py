@@ -23,6 +23,7 @@ import torch
 from flownp import default_model as _default
 from flownp.checkpoint import lineage_n_ctx_min, load_verified, model_from_checkpoint
 from flownp.core.likelihood import log_likelihood as _log_likelihood
+from flownp.core.likelihood import resolve_estimator as resolve_core_estimator
 from flownp.core.model import count_parameters
 from flownp.core.sampling import sample as _sample
 from flownp.core.sampling import task_transform as _task_transform
@@ -156,20 +157,15 @@ def task(space: ModelSpace, ctx_lat: Sequence[float], ctx_lon: Sequence[float], 
 
 
 def resolve_estimator(independent: bool, estimator: str, n_tgt: int, max_exact_full: int | None = None) -> str:
-    """'auto' | 'exact' | 'hutchinson' -> what flownp.core.likelihood will use: exact-blocks for
-    independent targets, else Hutchinson ('auto') or exact-full ('exact', at most `max_exact_full`
-    targets: DomainError too_many beyond)."""
-    if estimator == "hutchinson" or (estimator == "auto" and not independent):
-        return "hutchinson"
-    if independent:
-        return "exact-blocks"
-    if estimator not in ("auto", "exact"):
-        return estimator  # already resolved (exact-full, exact-blocks)
-    if max_exact_full is not None and n_tgt > max_exact_full:
+    """'auto' | 'exact' | 'hutchinson' -> what flownp.core.likelihood will use (its `resolve_estimator`),
+    refusing an exact-full trace over more than `max_exact_full` targets (DomainError too_many)."""
+    resolved = resolve_core_estimator(independent, estimator)
+    if resolved == "exact-full" and estimator in ("auto", "exact") and max_exact_full is not None \
+            and n_tgt > max_exact_full:
         raise DomainError("too_many", f"the exact trace of this joint-target model costs one backward pass "
                           f"per target value; at most {max_exact_full} targets (got {n_tgt}); "
                           "use estimator 'hutchinson' or 'auto'")
-    return "exact-full"
+    return resolved
 
 
 class _Watched:

@@ -124,6 +124,16 @@ def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig 
                             f"hutchinson-{probe}", p, solver.describe(), sol.nfe, n)
 
 
+def resolve_estimator(independent: bool, estimator: str) -> str:
+    """'auto' | 'exact' | a named estimator -> the divergence estimator used: exact-blocks for independent
+    targets; for joint targets exact-full ('exact') or Hutchinson ('auto'); named ones unchanged."""
+    if estimator not in ("auto", "exact"):
+        return estimator
+    if independent:
+        return "exact-blocks"
+    return "exact-full" if estimator == "exact" else "hutchinson"
+
+
 def log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *,
                    solver: SolverConfig = SolverConfig("midpoint", 100), estimator: str = "auto",
                    n_probes: int = 1, probe: str = "rademacher", seed: int = 0,
@@ -150,11 +160,7 @@ def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torc
                         n_probes: int = 1, probe: str = "rademacher", seed: int = 0,
                         create_graph: bool = False) -> LikelihoodResult:
     """log p(yt | xt, context) of the flow alone, on the values it runs on (no per-task transform)."""
-    if estimator in ("auto", "exact"):
-        if model.config.targets == "independent":
-            estimator = "exact-blocks"
-        else:
-            estimator = "exact-full" if estimator == "exact" else "hutchinson"
+    estimator = resolve_estimator(model.config.targets == "independent", estimator)
     with torch.set_grad_enabled(create_graph):
         ctx = model.encode_context(xc, yc)
     vf: VelocityFn = lambda t, y: model.velocity(ctx, xt, y, t)  # noqa: E731

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 import torch
 
-from flownp.core.likelihood import log_likelihood
+from flownp.core.likelihood import log_likelihood, resolve_estimator
 from flownp.core.sampling import sample
 from flownp.core.solvers import SolverConfig
 from flownp.inference import parse_solver
@@ -71,8 +71,7 @@ class FlowNPPredictor:
                       generator=generator).samples.cpu()
 
     def describe(self) -> dict[str, Any]:
-        est = "exact-blocks" if self.estimator == "auto" and self.model.config.targets == "independent" \
-            else self.estimator
+        est = resolve_estimator(self.model.config.targets == "independent", self.estimator)
         return {"name": self.name, "ll_kind": self.ll_kind, "estimator": est, "n_probes": self.n_probes,
                 "probe_seed": self.seed, "ll_solver": self.ll_solver.describe(),
                 "sample_solver": self.sample_solver.describe(), "model": self.model.config.to_dict()}
