@@ -176,6 +176,12 @@ def test_fuzz_one_field_never_500(fuzz_client, path, value, delete):
     body = mutate(path, DELETE if delete else value,
                   small_request(n_ctx=50, n_tgt=4, steps=1, log_likelihood={"steps": 1}))
     r = post(fuzz_client, "/v1/extrapolate", json.dumps(body, allow_nan=True), {})
+    if r.status_code == 504:
+        # a valid, very short client deadline (timeout_s) may pass before the GP base is fitted: the
+        # documented deadline answer, never anything else
+        assert path == "timeout_s" and not delete, (path, value, r.text[:300])
+        assert_clean_error(r, 504, "deadline_exceeded")
+        return
     assert r.status_code < 500, r.text[:300]
     if r.status_code >= 400:
         assert_clean_error(r, r.status_code)
