@@ -62,6 +62,7 @@ from ingest.synthetic import (
     _psd_sqrt,
     kernel_1d,
     season_times,
+    synthesis_settings,
     write_era5_netcdf,
 )
 
@@ -484,12 +485,8 @@ def synthesize_broad(out_dir: str | Path, years: Iterable[int], *, months: Itera
     prior = BroadWeatherPrior(config, region)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    years_l = sorted({int(y) for y in years})
-    months_l = sorted({int(m) for m in months})
-    days_l = None if days is None else sorted({int(d) for d in days})
-    hours_l = sorted({int(h) for h in hours})
-    settings = {"seed": int(seed), "months": months_l, "days": days_l, "hours": hours_l,
-                "layout": layout, "packed": bool(packed)}
+    years_l, settings = synthesis_settings(years, months, days, hours, seed=seed, layout=layout, packed=packed)
+    months_l, days_l, hours_l = settings["months"], settings["days"], settings["hours"]
     prov = {"source": "synthetic broad weather prior (flownp-weather ingest.prior); not ERA5 data",
             "synthetic_seed": int(seed), "synthetic_law": "broad_prior"}
     paths, files = [], {}

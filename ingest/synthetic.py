@@ -700,6 +700,16 @@ def year_seed(seed: int, year: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed), int(year)])
 
 
+def synthesis_settings(years: Iterable[int], months: Iterable[int], days: Iterable[int] | None,
+                       hours: Iterable[int], *, seed: int, layout: str, packed: bool) -> tuple[list[int], dict[str, Any]]:
+    """(sorted years, the settings a synthesis job records): sorted, de-duplicated months, days (None: every
+    day) and hours, the seed and the file layout. Shared by the GP-law and broad-prior jobs."""
+    settings = {"seed": int(seed), "months": sorted({int(m) for m in months}),
+                "days": None if days is None else sorted({int(d) for d in days}),
+                "hours": sorted({int(h) for h in hours}), "layout": layout, "packed": bool(packed)}
+    return sorted({int(y) for y in years}), settings
+
+
 def synthesize(out_dir: str | Path, years: Iterable[int], *, months: Iterable[int] = (1, 2, 12),
                days: Iterable[int] | None = None, hours: Iterable[int] = range(24), seed: int = 0,
                layout: Literal["legacy", "current"] = "current", packed: bool = False,
@@ -716,15 +726,10 @@ def synthesize(out_dir: str | Path, years: Iterable[int], *, months: Iterable[in
     gp = GPWeather(config, region)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    years = sorted({int(y) for y in years})
-    months_l = sorted({int(m) for m in months})
-    days_l = None if days is None else sorted({int(d) for d in days})
-    hours_l = sorted({int(h) for h in hours})
-    settings = {
-        "seed": int(seed), "months": months_l, "days": days_l, "hours": hours_l, "layout": layout,
-        "packed": bool(packed), "lon360": bool(lon360), "descending_lat": bool(descending_lat),
-        "long_names": bool(long_names),
-    }
+    years, settings = synthesis_settings(years, months, days, hours, seed=seed, layout=layout, packed=packed)
+    months_l, days_l, hours_l = settings["months"], settings["days"], settings["hours"]
+    settings.update({"lon360": bool(lon360), "descending_lat": bool(descending_lat),
+                     "long_names": bool(long_names)})
     prov = {"source": "synthetic GP weather (flownp-weather ingest.synthetic); not ERA5 data",
             "synthetic_config": json.dumps(config.to_dict(), sort_keys=True),
             "synthetic_seed": int(seed)}
