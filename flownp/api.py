@@ -142,16 +142,19 @@ class Extrapolator:
     # ---- inference --------------------------------------------------------------------------
     @torch.no_grad()
     def extrapolate(self, context: xr.Dataset, targets: xr.Dataset | str = "circle", *, num_samples: int = 8,
-                    solver: str = "euler:16", seed: int = 0, with_log_likelihood: bool = True,
-                    ll_solver: str = "midpoint:50") -> xr.Dataset:
+                    solver: str | None = None, seed: int = 0, with_log_likelihood: bool = True,
+                    ll_solver: str | None = None) -> xr.Dataset:
         """Samples (sample, point) of the four variables at the targets, in ERA5 units, with each sample's
-        joint log-likelihood given the context (nats over ERA5 units: its `units` attribute)."""
+        joint log-likelihood given the context (nats over ERA5 units: its `units` attribute). Solvers
+        ('euler:16', 'midpoint:50', ...): by default the model's measured ones (its manifest's `solvers`),
+        else Euler 16 for sampling and midpoint 50 for the likelihoods."""
         self._check_context_size(context)
         tg = self._targets(context, targets)
         task = self._task(context, tg)
-        res = inference.extrapolate(self.loaded, task, num_samples=num_samples, solver=parse_solver(solver),
-                                    seed=seed, with_ll=with_log_likelihood, ll_solver=parse_solver(ll_solver),
-                                    estimator="auto")
+        smp = parse_solver(solver) if solver else self.loaded.solver("sample", parse_solver("euler:16"))
+        lls = parse_solver(ll_solver) if ll_solver else self.loaded.solver("log_likelihood", parse_solver("midpoint:50"))
+        res = inference.extrapolate(self.loaded, task, num_samples=num_samples, solver=smp,
+                                    seed=seed, with_ll=with_log_likelihood, ll_solver=lls, estimator="auto")
         out = tg[["latitude", "longitude"]].copy()
         for j, n in enumerate(NAMES):
             out[n] = (("sample", "point"), res["samples"][..., j], {"units": BY_NAME[n].era5_units})
@@ -160,16 +163,17 @@ class Extrapolator:
             out["log_likelihood"] = ("sample", ll["joint"], {"units": "nats", "density_units": LL_UNITS,
                                                              "kind": LL_KIND, "estimator": ll["estimator"],
                                                              "solver": ll["solver"]})
-        out.attrs.update({"sampler": solver, "seed": seed, "n_context": int(task.xc.shape[1]),
+        out.attrs.update({"sampler": smp.describe(), "seed": seed, "n_context": int(task.xc.shape[1]),
                           "model": str(self.meta.get("version") or self.meta.get("checkpoint", ""))})
         return out
 
-    def log_likelihood(self, context: xr.Dataset, observed: xr.Dataset, *, solver: str = "midpoint:100",
+    def log_likelihood(self, context: xr.Dataset, observed: xr.Dataset, *, solver: str | None = None,
                        estimator: str = "auto", n_probes: int = 1) -> xr.Dataset:
-        """Joint log-likelihood (nats over ERA5 units) of observed values at their points given the context."""
+        """Joint log-likelihood (nats over ERA5 units) of observed values at their points given the context
+        (solver: by default the model's measured one, else midpoint 100)."""
         task = self._task(context, observed, with_values=True)
-        res = inference.log_likelihood(self.loaded, task, solver=parse_solver(solver), estimator=estimator,
-                                       n_probes=n_probes)
+        sol = parse_solver(solver) if solver else self.loaded.solver("log_likelihood", parse_solver("midpoint:100"))
+        res = inference.log_likelihood(self.loaded, task, solver=sol, estimator=estimator, n_probes=n_probes)
         joint, n = res["joint"], res["n_targets"]
         attrs = {"units": "nats", "density_units": LL_UNITS}
         return xr.Dataset({"log_likelihood": ((), joint, {**attrs, "kind": LL_KIND}),

@@ -41,11 +41,53 @@ TRAINED_ON = ("flownp-ingest synthesize --law broad --years 1986-1989 --months 1
               "--hours 0,6,12,18 --seed 0 (train 1986-87: 2016 maps)")
 
 
+# what a solver may cost in accuracy to become the model's default (docs/results.md §5.2): the likelihood's
+# max |error| against dopri5 1e-7 in nats per target point, the samples' RMSE against a dopri5 solve of the same
+# noise in model units (kPa, degC, m/s)
+LL_TOLERANCE = 0.01
+SAMPLE_TOLERANCE = {"sp": 1e-3, "t2m": 1e-2, "u10": 1e-2, "v10": 1e-2}
+
+
+def choose_solvers(study: dict[str, Any], ll_tol: float = LL_TOLERANCE,
+                   sample_tol: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """The model's solver defaults from a bench/ll_solver_error.py JSON: the fewest Euler steps whose samples
+    stay within `sample_tol` of dopri5 in every regime, and the cheapest fixed-step likelihood solver within
+    `ll_tol` nats per point of dopri5 in every regime; None for a part nothing meets (the service's global
+    defaults then apply). The measurement travels with the choice."""
+    tol = sample_tol or SAMPLE_TOLERANCE
+    regimes = list(study.get("regimes", {}).values())
+    if not regimes:
+        return None
+
+    def ok_sample(k: str) -> bool:
+        return all(k in r.get("sample_rmse", {}) and all(r["sample_rmse"][k][v] <= t for v, t in tol.items())
+                   for r in regimes)
+
+    def ok_ll(s: str) -> bool:
+        return all(r["ll_max_abs_error"].get(s, float("inf")) <= ll_tol for r in regimes)
+
+    sample_keys = sorted({k for r in regimes for k in r.get("sample_rmse", {})}, key=lambda k: int(k.split(":")[1]))
+    ll_keys = sorted({s for r in regimes for s in r["ll_max_abs_error"]},
+                     key=lambda s: sum(r["ll_seconds_per_task"].get(s, float("inf")) for r in regimes))
+    sample = next((k for k in sample_keys if ok_sample(k)), None)
+    ll = next((s for s in ll_keys if ok_ll(s)), None)
+    return {"sample": sample, "log_likelihood": ll,
+            "tolerances": {"log_likelihood_nats_per_point": ll_tol, "sample_rmse_model_units": tol},
+            "measured": {"by": "bench/ll_solver_error.py", "splits": study.get("splits"),
+                         "reference": study.get("reference"),
+                         "ll_max_abs_error": {k: r["ll_max_abs_error"].get(ll) for k, r in study["regimes"].items()}
+                         if ll else None,
+                         "sample_rmse": {k: r.get("sample_rmse", {}).get(sample) for k, r in study["regimes"].items()}
+                         if sample else None}}
+
+
 def pack(run_checkpoint: Path, out: Path, recipe: str, *, trained_on: str = TRAINED_ON,
-         description: str = DESCRIPTION, real_map: dict[str, Any] | None = None) -> dict[str, Any]:
+         description: str = DESCRIPTION, real_map: dict[str, Any] | None = None,
+         solvers: dict[str, Any] | None = None) -> dict[str, Any]:
     """Strip a training checkpoint to what serving needs (EMA weights as `model`, no optimizer state),
-    save it as `out/default.pt` and write `out/default.json` with its sha256, what it was trained on and
-    (`real_map`) its real-ERA5 benchmark figures."""
+    save it as `out/default.pt` and write `out/default.json` with its sha256, what it was trained on,
+    (`real_map`) its real-ERA5 benchmark figures and (`solvers`, from `choose_solvers`) its measured
+    solver defaults."""
     from flownp.checkpoint import load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(run_checkpoint)
@@ -63,6 +105,7 @@ def pack(run_checkpoint: Path, out: Path, recipe: str, *, trained_on: str = TRAI
         "n_parameters": n_params, "step": ck.get("step"), "best_val_loss": ck.get("best_val"),
         "model_config": ck.get("model_config"),
         "real_map": real_map,
+        "solvers": solvers,
         "trained_on": {"data": trained_on,
                        "store_manifest_sha256": ck.get("store_manifest_sha256"),
                        "task_config": ck.get("task_config")},
@@ -82,11 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     pk.add_argument("--recipe", default="scripts/build_default_model.sh")
     pk.add_argument("--real-map", type=Path, default=None,
                     help="JSON of bench/real_era5.py on this checkpoint: its figures go into the manifest")
+    pk.add_argument("--solver-study", type=Path, default=None,
+                    help="JSON of bench/ll_solver_error.py on this checkpoint: the solver defaults it supports")
     args = p.parse_args(argv)
     real = None
     if args.real_map is not None:
         real = real_map_summary(json.loads(args.real_map.read_text()))
-    print(json.dumps(pack(args.checkpoint, args.out, args.recipe, real_map=real), indent=2))
+    solvers = choose_solvers(json.loads(args.solver_study.read_text())) if args.solver_study else None
+    print(json.dumps(pack(args.checkpoint, args.out, args.recipe, real_map=real, solvers=solvers), indent=2))
 
 
 def real_map_summary(bench: dict[str, Any]) -> dict[str, Any]:

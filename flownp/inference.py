@@ -75,6 +75,13 @@ class LoadedModel:
     def independent(self) -> bool:
         return getattr(self.model.config, "targets", "joint") == "independent"
 
+    def solver(self, kind: str, fallback: SolverConfig) -> SolverConfig:
+        """The model's measured default solver for `kind` ('sample' | 'log_likelihood'): the one its manifest
+        records (`flownp.default_model.choose_solvers`: the cheapest within the stated error of dopri5), else
+        `fallback` (the caller's global default)."""
+        spec = (self.info.get("solvers") or {}).get(kind)
+        return parse_solver(spec) if spec else fallback
+
     def min_context(self, floor: Any = 1) -> int:
         """Fewest context points a request may send: `floor` (a number, or settings with a `min_context`),
         raised to the smallest context the model was trained on in any stage
@@ -133,7 +140,7 @@ def default_model() -> LoadedModel:
     """The embedded default model (trained on SYNTHETIC weather, not ERA5; its real-map figures in the
     manifest's `real_map`), verified."""
     ck, digest, man = default_checkpoint()
-    extra = {k: man.get(k) for k in ("description", "recipe", "trained_on", "real_map")}
+    extra = {k: man.get(k) for k in ("description", "recipe", "trained_on", "real_map", "solvers")}
     return build_model(man["version"], ck, digest, "embedded", {**extra, "synthetic": True})
 
 

@@ -145,6 +145,8 @@ def evaluate(
     ll_solver: Annotated[str, typer.Option(help="Likelihood solver, e.g. midpoint:100, rk4:32, dopri5:1e-5.")] = "midpoint:100",
     sample_solver: Annotated[str, typer.Option(help="Sampling solver, e.g. euler:16.")] = "euler:16",
     probes: Annotated[int, typer.Option(help="Hutchinson probes.")] = 1,
+    exact: Annotated[bool, typer.Option("--exact/--no-exact",
+        help="Also the exact-trace likelihood (independent-target models; costs y_dim VJPs per step).")] = True,
     baseline: Annotated[Optional[list[str]], typer.Option(
         help="Also evaluate: idw, gp, cnp:CKPT, tnpa:CKPT (repeatable).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of one task (truth, mean, std, sample).")] = None,
@@ -167,7 +169,7 @@ def evaluate(
                                   eval_set=str(eval_set) if eval_set else None, n_tasks=n_tasks,
                                   n_ctx=parse_range(n_ctx), seed=seed, batch_size=batch_size, n_samples=samples,
                                   ll_solver=ll_solver, sample_solver=sample_solver, n_probes=probes,
-                                  baselines=tuple(baseline or ()), plot=str(plot) if plot else None,
+                                  exact=exact, baselines=tuple(baseline or ()), plot=str(plot) if plot else None,
                                   plot_index=plot_task,
                                   progress=not quiet, device=device,
                                   context_noise=tuple(context_noise or ()),

@@ -1,0 +1,113 @@
+"""Prints the equal-compute ablation's tables (docs/results.md §5.6) from bench/ablation_study.sh's results:
+
+    python bench/ablation_table.py WORK_DIR/results
+
+Synthetic rows: the GP law's frozen sets, tar_ll in the checkpoint's normalised units and its gap to the exact
+oracle (nats per target point); real rows: ONE real ERA5 map, the first frozen splits of bench/real_era5.py,
+RMSE in ERA5 units (Pa, K, m/s), log-likelihood in nats per target point over ERA5 units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+ROWS = (("ref", "reference (N(0, I) base, no standardisation)"),
+        ("std", "+ per-task standardisation"),
+        ("gp", "+ GP base, residual velocity"),
+        ("broad", "+ broad prior (independent targets)"),
+        ("joint", "broad prior, joint targets"))
+VARS = ("sp", "t2m", "u10", "v10")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
+
+
+def _wall(out: Path) -> str:
+    """Training wall time from `/usr/bin/time -f '%e s wall'` in the train log ('' when absent)."""
+    if not out.is_file():
+        return ""
+    m = re.findall(r"([\d.]+) s wall", out.read_text())
+    return f"{float(m[-1]) / 60:.0f}" if m else ""
+
+
+def _fmt(x: float | None, nd: int = 3) -> str:
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def synthetic_table(res: Path) -> list[str]:
+    lines = ["| model | train min | dense tar_ll | gap to oracle | sparse tar_ll | gap | RMSE t2m dense / sparse [degC] |",
+             "|---|---|---|---|---|---|---|"]
+    oracle: dict[str, Any] = {}
+    base: dict[str, dict[str, Any]] = {}
+    for name, label in ROWS:
+        d, s = _load(res / f"{name}-syn-dense.json"), _load(res / f"{name}-syn-sparse.json")
+        if d is None and s is None:
+            continue
+        for regime, r in (("dense", d), ("sparse", s)):
+            if r:
+                oracle.setdefault(regime, r.get("oracle"))
+                for k in ("idw", "gp"):
+                    if k in r:
+                        base.setdefault(k, {})[regime] = r[k]
+        cells = [label, _wall(res.parent / f"train-{name}.out")]
+        for r in (d, s):
+            cells += [_fmt(r["flownp"]["tar_ll"]) if r else "", _fmt(r.get("gap_to_oracle")) if r else ""]
+        cells.append(" / ".join(_fmt(r["flownp"]["rmse"]["t2m"]) if r else "" for r in (d, s)))
+        lines.append("| " + " | ".join(cells) + " |")
+    for k, label in (("idw", "IDW"), ("gp", "fitted GP")):
+        if k in base:
+            b = base[k]
+            cells = [label, ""]
+            for regime in ("dense", "sparse"):
+                r, o = b.get(regime), oracle.get(regime)
+                cells += [_fmt(r["tar_ll"]) if r else "", _fmt(o["tar_ll"] - r["tar_ll"]) if r and o else ""]
+            cells.append(" / ".join(_fmt(b[g]["rmse"]["t2m"]) if g in b else "" for g in ("dense", "sparse")))
+            lines.append("| " + " | ".join(cells) + " |")
+    o = oracle
+    if o:
+        lines.append("| oracle | | " + " | ".join(
+            f"{_fmt(o[g]['tar_ll']) if o.get(g) else ''} | 0" for g in ("dense", "sparse")) + " | "
+            + " / ".join(_fmt(o[g]["rmse"]["t2m"]) if o.get(g) else "" for g in ("dense", "sparse")) + " |")
+    return lines
+
+
+def real_table(res: Path, regime: str) -> list[str]:
+    lines = [f"| model ({regime}) | RMSE sp | t2m | u10 | v10 | cov90 sp / t2m / u / v | log-lik |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(label: str, m: dict[str, Any]) -> str:
+        ll = m.get("log_lik")
+        return ("| " + label + " | " + " | ".join(_fmt(m["rmse"][v], 1 if v == "sp" else 3) for v in VARS)
+                + " | " + " ".join(_fmt(m["cov90"][v], 2) for v in VARS) + " | "
+                + (f"{ll:.3f} ± {m['log_lik_stderr']:.3f}" if ll is not None else "") + " |")
+
+    for name, label in ROWS:
+        r = _load(res / f"{name}-real-{regime}.json")
+        if r:
+            for m in r["regimes"][regime]["era5"].values():
+                lines.append(row(label, m))
+    b = _load(res / f"baselines-real-{regime}.json")
+    if b:
+        for key, m in b["regimes"][regime]["era5"].items():
+            lines.append(row(key, m))
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path)
+    a = p.parse_args()
+    print("Synthetic GP law (16 dense / 8 sparse frozen tasks):\n")
+    print("\n".join(synthetic_table(a.results)))
+    for regime in ("dense", "sparse"):
+        print(f"\nReal ERA5 map, {regime}:\n")
+        print("\n".join(real_table(a.results, regime)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""A model's measured solver defaults: chosen from a solver study within stated tolerances, recorded in the
+manifest, used by the Python API when a call names none, and true for the shipped default model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flownp.core.likelihood import log_likelihood
+from flownp.core.sampling import sample
+from flownp.core.solvers import SolverConfig
+from flownp.default_model import LL_TOLERANCE, SAMPLE_TOLERANCE, choose_solvers, read_manifest
+from flownp.inference import default_model, parse_solver
+
+
+def _study(ll_err: dict[str, float], smp_err: dict[str, float]) -> dict:
+    regime = {"ll_max_abs_error": ll_err,
+              "ll_seconds_per_task": {s: float(i + 1) for i, s in enumerate(ll_err)},
+              "sample_rmse": {k: {v: e for v in SAMPLE_TOLERANCE} for k, e in smp_err.items()}}
+    return {"splits": 2, "reference": "dopri5:1e-7", "regimes": {"dense": regime, "sparse": regime}}
+
+
+def test_choose_solvers_takes_the_cheapest_within_tolerance() -> None:
+    st = _study({"euler:1": 0.5, "euler:2": 0.003, "midpoint:8": 0.0},
+                {"euler:1": 0.2, "euler:2": 5e-4, "euler:8": 1e-5})
+    ch = choose_solvers(st)
+    assert ch["sample"] == "euler:2"            # euler:1 misses the sample tolerance
+    assert ch["log_likelihood"] == "euler:2"    # cheaper than midpoint:8, within 0.01 nats
+    assert ch["measured"]["ll_max_abs_error"] == {"dense": 0.003, "sparse": 0.003}
+
+
+def test_choose_solvers_leaves_a_part_to_the_global_default_when_nothing_meets_it() -> None:
+    ch = choose_solvers(_study({"euler:1": 0.5}, {"euler:1": 0.2}))
+    assert ch["sample"] is None and ch["log_likelihood"] is None
+    assert choose_solvers({"regimes": {}}) is None
+
+
+def test_loaded_model_uses_its_recorded_solver_else_the_fallback() -> None:
+    lm = default_model()
+    man = read_manifest()
+    fallback = SolverConfig("midpoint", 7)
+    assert lm.solver("log_likelihood", fallback) == parse_solver(man["solvers"]["log_likelihood"])
+    lm.info["solvers"] = None
+    assert lm.solver("log_likelihood", fallback) == fallback
+
+
+def test_the_shipped_defaults_hold_on_a_fresh_task() -> None:
+    """The default model's recorded solvers agree with dopri5 on a task the study never saw: the
+    likelihood within the manifest's tolerance, and the samples within its per-variable tolerance."""
+    lm = default_model()
+    man = read_manifest()["solvers"]
+    assert man["tolerances"]["log_likelihood_nats_per_point"] == LL_TOLERANCE
+    g = torch.Generator().manual_seed(3)
+    n_ctx, n_tgt = 80, 24
+    x = torch.rand(1, n_ctx + n_tgt, 2, generator=g) * 2 - 1
+    y = torch.sin(3 * x[..., :1]) + torch.cos(2 * x[..., 1:]) + 0.05 * torch.randn(1, n_ctx + n_tgt, 4, generator=g)
+    xc, yc, xt, yt = x[:, :n_ctx], y[:, :n_ctx], x[:, n_ctx:], y[:, n_ctx:]
+    tr = lm.model.task_transform(xc, yc, xt)
+    ref = SolverConfig("dopri5", rtol=1e-7, atol=1e-7)
+    ll = lambda s: float(log_likelihood(lm.model, xc, yc, xt, yt, solver=s, estimator="exact",  # noqa: E731
+                                        transform=tr).per_point[0])
+    assert abs(ll(parse_solver(man["log_likelihood"])) - ll(ref)) <= LL_TOLERANCE
+    y0 = torch.randn(1, 4, n_tgt, 4, generator=g)
+    a = sample(lm.model, xc, yc, xt, n_samples=4, solver=parse_solver(man["sample"]), y0=y0, transform=tr).samples
+    b = sample(lm.model, xc, yc, xt, n_samples=4, solver=SolverConfig("dopri5", rtol=1e-6, atol=1e-6), y0=y0,
+               transform=tr).samples
+    std = np.asarray(lm.normalizer.std)  # normalised -> model units per variable
+    rmse = ((a - b).pow(2).mean((0, 1, 2)).sqrt().numpy() * std)
+    for v, r in zip(SAMPLE_TOLERANCE, rmse):
+        assert r <= SAMPLE_TOLERANCE[v], (v, r)
+
+
+def test_a_study_without_samples_never_picks_a_sampler() -> None:
+    st = _study({"euler:1": 0.0}, {})
+    assert choose_solvers(st)["sample"] is None and choose_solvers(st)["log_likelihood"] == "euler:1"
