@@ -102,10 +102,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     engine = Engine(settings, metrics)
     app = FastAPI(title="FlowNP weather extrapolation", version=__version__, lifespan=_lifespan(engine, settings),
+                  redirect_slashes=False,  # a redirect would build Location from the client's Host header
                   description="Sampled weather fields with log-likelihoods from a Flow Matching Neural Process. "
                               "Values in ERA5 units (Pa, K, m s-1), coordinates in degrees.")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
-    app.state.keys = ApiKeys(settings.key_hashes())
+    app.state.keys = ApiKeys(settings.key_hashes())  # KeyFileError: refuse to start (fails closed)
+    if not app.state.keys.enabled:
+        log.warning("authentication is OFF: no FLOWNP_API_KEYS or FLOWNP_API_KEYS_FILE is set, so every route "
+                    "(admin reload included) is open")
     app.add_middleware(Observe, metrics=metrics)
     _add_error_handlers(app)
     for router in ROUTERS:
