@@ -20,7 +20,6 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,8 +30,8 @@ from service.engine import Engine, watch_registry
 from service.errors import ApiError, from_domain
 from service.http import ApiKeys, Observe
 from service.metrics import Metrics
+from service.openapi import build_openapi
 from service.routes import ROUTERS
-from service.schemas import ExtrapolateRequest, LogLikelihoodRequest
 from service.settings import Settings
 
 log = logging.getLogger("flownp.service")
@@ -81,16 +80,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(422, "invalid_value", "invalid path or query parameter"))
 
 
-def _openapi(app: FastAPI) -> Any:
+def _openapi(app: FastAPI, settings: Settings) -> Any:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            for m in (ExtrapolateRequest, LogLikelihoodRequest):
-                js = m.model_json_schema(ref_template="#/components/schemas/{model}")
-                comps.update(js.pop("$defs", {}))
-                comps[m.__name__] = js
-            app.openapi_schema = schema
+            app.openapi_schema = build_openapi(app, settings)
         return app.openapi_schema
 
     return openapi
@@ -114,5 +107,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     return app
