@@ -20,6 +20,7 @@ import torch
 from flownp import __version__
 from flownp.core.config import ModelConfig
 from flownp.core.model import FlowNP
+from ingest.io import fsync_dir, remove_stale_parts
 
 FORMAT = "flownp-weather-checkpoint"
 FORMAT_VERSION = 1
@@ -42,29 +43,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    _remove_stale_parts(path)
+    remove_stale_parts(path)
     return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def _remove_stale_parts(path: Path) -> None:
-    """Delete `.NAME.PID.part` files left by writers of `path` that were killed mid-write (their PID is
-    gone); a writer still running keeps its file. Resume never reads them; this only frees the disk."""
-    for part in path.parent.glob(f".{path.name}.*.part"):
-        pid = part.name[len(path.name) + 2:-len(".part")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            part.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

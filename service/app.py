@@ -20,7 +20,6 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,8 +30,8 @@ from service.engine import Engine, watch_registry
 from service.errors import ApiError, from_domain
 from service.http import ApiKeys, Observe
 from service.metrics import Metrics
+from service.openapi import build_openapi
 from service.routes import ROUTERS
-from service.schemas import ExtrapolateRequest, LogLikelihoodRequest
 from service.settings import Settings
 
 log = logging.getLogger("flownp.service")
@@ -81,16 +80,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(422, "invalid_value", "invalid path or query parameter"))
 
 
-def _openapi(app: FastAPI) -> Any:
+def _openapi(app: FastAPI, settings: Settings) -> Any:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            for m in (ExtrapolateRequest, LogLikelihoodRequest):
-                js = m.model_json_schema(ref_template="#/components/schemas/{model}")
-                comps.update(js.pop("$defs", {}))
-                comps[m.__name__] = js
-            app.openapi_schema = schema
+            app.openapi_schema = build_openapi(app, settings)
         return app.openapi_schema
 
     return openapi
@@ -102,13 +95,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     engine = Engine(settings, metrics)
     app = FastAPI(title="FlowNP weather extrapolation", version=__version__, lifespan=_lifespan(engine, settings),
+                  redirect_slashes=False,  # a redirect would build Location from the client's Host header
                   description="Sampled weather fields with log-likelihoods from a Flow Matching Neural Process. "
                               "Values in ERA5 units (Pa, K, m s-1), coordinates in degrees.")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
-    app.state.keys = ApiKeys(settings.key_hashes())
+    app.state.keys = ApiKeys(settings.key_hashes())  # KeyFileError: refuse to start (fails closed)
+    if not app.state.keys.enabled:
+        log.warning("authentication is OFF: no FLOWNP_API_KEYS or FLOWNP_API_KEYS_FILE is set, so every route "
+                    "(admin reload included) is open")
     app.add_middleware(Observe, metrics=metrics)
     _add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    app.openapi = _openapi(app, settings)  # type: ignore[method-assign]
     return app

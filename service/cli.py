@@ -15,9 +15,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     import uvicorn
+    from pydantic import ValidationError
 
+    from service.server import uvicorn_options
+    from service.settings import KeyFileError, Settings
+
+    try:  # refuse to start, with one clear line, on settings the app could not honour (fails closed)
+        settings = Settings()
+        settings.key_hashes()
+    except (KeyFileError, ValidationError) as exc:
+        raise SystemExit(f"flownp-serve: {exc}") from None
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
-                log_level=args.log_level, access_log=False)
+                log_level=args.log_level, access_log=False, **uvicorn_options(settings))
 
 
 def stop(proc: subprocess.Popen, wait_s: float = 10.0) -> None:

@@ -41,7 +41,7 @@ from flownp.inference import (LoadedModel, Task, build_model, default_model, ext
                               resolve_estimator as _resolve_estimator)
 from flownp.inference import task as make_task
 from ingest.space import DomainError
-from service.errors import ApiError
+from service.errors import ApiError, clip
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -206,7 +206,8 @@ class Served:
     def get(self, version: str | None) -> LoadedModel:
         v = version or self.default
         if v not in self.models:
-            raise ApiError(404, "model_not_found", f"unknown model version {version!r}; GET /v1/models lists "
+            shown = version if version is None else clip(version)
+            raise ApiError(404, "model_not_found", f"unknown model version {shown!r}; GET /v1/models lists "
                            f"the loaded ones: {sorted(self.models)}")
         return self.models[v]
 

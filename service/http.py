@@ -3,6 +3,7 @@ negotiation, API-key auth, and an ASGI middleware for metrics and last-resort 50
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, from_validation
 from service.metrics import Metrics
+from service.schemas import check_sizes
 from service.settings import Settings
 
 log = logging.getLogger("flownp.service")
@@ -43,13 +45,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object: 415 unless application/json, 413 past max_bytes, 400 if not JSON,
-    422 for NaN/Infinity or duplicated keys."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body: 415 unless application/json without a content coding, 413 past max_bytes."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "unsupported_media_type", f"send the request as application/json (got "
                        f"{ctype[:60] or 'no content type'!r})")
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {coding[:40]!r} is not accepted: send "
+                       "the JSON body uncompressed", headers={"Accept-Encoding": "identity"})
     too_big = ApiError(413, "body_too_large", f"the request body exceeds {max_bytes} bytes; send fewer points")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -60,9 +65,13 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         if size > max_bytes:
             raise too_big
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object: 400 if not JSON, 422 for NaN/Infinity, duplicated keys or a non-object."""
     try:
-        data = json.loads(b"".join(chunks), parse_constant=_no_constant, parse_float=_finite,
-                          object_pairs_hook=_no_duplicates)
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError):  # our hooks raise ApiError, which passes through
         raise ApiError(400, "invalid_json", "the body is not valid JSON (UTF-8)") from None
     if not isinstance(data, dict):
@@ -71,19 +80,42 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
 
 
 def validate(model: type[M], data: dict[str, Any], settings: Settings) -> M:
+    """`model` from parsed JSON: sizes checked first (check_sizes), then pydantic; ApiError 422."""
+    check_sizes(data, settings)
     try:
         return model.model_validate(data, context={"settings": settings})
     except ValidationError as exc:
         raise from_validation(exc) from None
 
 
-def choose_format(asked: str | None, accept: str) -> str:
-    """'json' or 'netcdf': the body's `format`, else the Accept header's preferred supported type (by q;
-    the first listed on ties); 406 when it names neither."""
+async def read_request(model: type[M], request: Request, settings: Settings) -> M:
+    """Read the body on the event loop, then parse and validate it in a worker thread, so that a large
+    or hostile body never holds up other requests (/livez among them)."""
+    raw = await read_body(request, settings.max_body_bytes)
+    return await asyncio.to_thread(lambda: validate(model, parse_json(raw), settings))
+
+
+FORMATS = {"json": "application/json", "netcdf": NETCDF}
+
+
+def _media_format(media: str, offered: tuple[str, ...]) -> str | None:
+    """The offered format a media range names (exact types; */* and application/* name the first
+    offered; any +json type names json), else None."""
+    if media in ("*/*", "application/*"):
+        return offered[0]
+    for fmt in offered:
+        if media == FORMATS[fmt] or (fmt == "json" and media.endswith("+json")):
+            return fmt
+    return None
+
+
+def choose_format(asked: str | None, accept: str, offered: tuple[str, ...] = ("json", "netcdf")) -> str:
+    """One of `offered`: the body's `format`, else the Accept header's preferred offered type (by q, the
+    first listed on ties; a malformed q counts as 1, q=0 refuses); 406 when it names none."""
     if asked:
         return asked
     if not accept.strip():
-        return "json"
+        return offered[0]
     best: tuple[float, str | None] = (0.0, None)
     for part in accept.lower().split(","):
         media, *params = [x.strip() for x in part.split(";")]
@@ -91,15 +123,16 @@ def choose_format(asked: str | None, accept: str) -> str:
         for prm in params:
             if prm.startswith("q="):
                 try:
-                    q = float(prm[2:])
+                    q = min(max(float(prm[2:]), 0.0), 1.0)
                 except ValueError:
-                    q = 0.0
-        fmt = ("netcdf" if "netcdf" in media else
-               "json" if media in ("application/json", "*/*", "application/*") or media.endswith("+json") else None)
+                    q = 1.0
+                if q != q:  # nan
+                    q = 1.0
+        fmt = _media_format(media, offered)
         if fmt and q > best[0]:
             best = (q, fmt)
     if best[1] is None:
-        raise ApiError(406, "not_acceptable", f"this route answers application/json or {NETCDF}")
+        raise ApiError(406, "not_acceptable", f"this route answers {' or '.join(FORMATS[f] for f in offered)}")
     return best[1]
 
 

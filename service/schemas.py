@@ -9,14 +9,16 @@ Region checks need the served model's region and happen through its ModelSpace (
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
-from ingest.space import DomainError, check_physical
-from ingest.variables import NAMES, resolve_alias
+from ingest.space import CIRCLE_MATCH_DECIMALS, DomainError, check_physical
+from ingest.variables import BY_NAME, NAMES, resolve_alias
+from service.errors import ApiError, clip, loc_str
 from service.settings import Settings
 
 Solver = Literal["euler", "midpoint", "rk4"]
@@ -34,15 +36,24 @@ def _settings(info: ValidationInfo) -> Settings:
 
 
 def _err(code: str, msg: str, **kw: Any) -> PydanticCustomError:
-    """A validation error whose type is our stable code; the message is formatted here."""
+    """A validation error whose type is our stable code; the message is formatted here (echoed strings
+    clipped)."""
+    kw = {k: clip(v) if isinstance(v, str) else v for k, v in kw.items()}
     return PydanticCustomError(code, msg.format(**kw).replace("{", "(").replace("}", ")"))
+
+
+# JSON Schema for the docs only: the server checks these through the model's region (ingest.space), which
+# answers with more precise codes (out_of_region, swapped_coordinates, longitude_0_360) than a range would
+_LAT_ITEMS = {"items": {"type": "number", "minimum": -90, "maximum": 90}}
+_LON_ITEMS = {"items": {"type": "number", "minimum": -180, "maximum": 180}}
 
 
 class Points(Strict):
     """Locations: equal-length lists of latitude [degrees north] and longitude [degrees east]."""
 
-    latitude: list[float] = Field(min_length=1, description="Degrees north.")
-    longitude: list[float] = Field(min_length=1, description="Degrees east, -180..180.")
+    latitude: list[float] = Field(min_length=1, description="Degrees north.", json_schema_extra=_LAT_ITEMS)
+    longitude: list[float] = Field(min_length=1, description="Degrees east, -180..180.",
+                                   json_schema_extra=_LON_ITEMS)
 
     @model_validator(mode="after")
     def _lengths(self) -> "Points":
@@ -55,12 +66,25 @@ class Points(Strict):
     def n(self) -> int:
         return len(self.latitude)
 
+    def check_distinct(self, where: str) -> None:
+        """`duplicated_point` when two points coincide (to CIRCLE_MATCH_DECIMALS decimals, as the circle is
+        matched): a joint answer over one location given twice is not defined."""
+        seen: dict[tuple[float, float], int] = {}
+        d = CIRCLE_MATCH_DECIMALS
+        for i, key in enumerate(zip(np.round(self.latitude, d).tolist(), np.round(self.longitude, d).tolist())):
+            j = seen.setdefault(key, i)
+            if j != i:
+                raise _err("duplicated_point", "{where}: points {j} and {i} are the same location ({lat:g}, "
+                           "{lon:g}); give each target once", where=where, i=i, j=j, lat=key[0], lon=key[1])
+
 
 class Observations(Points):
     """Points with values of all four variables (ERA5 short names or CDS long names), ERA5 units."""
 
     values: dict[str, list[float]] = Field(
-        description="Per variable, one value per point: sp [Pa], t2m [K], u10 [m s-1], v10 [m s-1].")
+        description="Per variable, one value per point: sp [Pa], t2m [K], u10 [m s-1], v10 [m s-1] (CDS long "
+                    "names, e.g. 2m_temperature, are accepted in place of the short ones).",
+        json_schema_extra=lambda schema: schema.update(_values_schema()))
     time: dt.datetime | None = Field(None, description="Valid time (echoed back; the model is stationary).")
 
     @field_validator("time", mode="before")
@@ -110,6 +134,17 @@ class Observations(Points):
         return np.stack([np.asarray(self.values[n], dtype=np.float64) for n in NAMES], axis=-1)
 
 
+def _values_schema() -> dict[str, Any]:
+    """`values` in JSON Schema: the four variables, each within its physical range (ingest.space)."""
+    props = {}
+    for name in NAMES:
+        v = BY_NAME[name]
+        lo, hi = (float(x) for x in v.model_to_era5(np.array(v.plausible, dtype=np.float64)))
+        props[name] = {"type": "array", "items": {"type": "number", "minimum": lo, "maximum": hi},
+                       "description": f"{v.long_name} [{v.era5_units}]"}
+    return {"properties": props, "required": list(NAMES), "additionalProperties": False}
+
+
 class LikelihoodOptions(Strict):
     """How a log-likelihood is integrated: reverse ODE from data (t=1) to noise (t=0)."""
 
@@ -137,12 +172,26 @@ def _check_common(settings: Settings, n_ctx: int, n_tgt: int | None, steps: list
         raise _err("too_many", "n_probes = {n}; at most {m} allowed", n=n_probes, m=settings.max_probes)
 
 
+ModelName = Annotated[str | None, Field(min_length=1, max_length=128, description=(
+    "Model version (GET /v1/models); absent or null: the default one."))]
+
+
+def _targets_kind(v: Any) -> str:
+    return "circle" if isinstance(v, str) else "points"
+
+
+# a string is the keyword, an object is Points: errors inside an object are reported as such (not as
+# "should be 'circle'")
+Targets = Annotated[Union[Annotated[Literal["circle"], Tag("circle")], Annotated[Points, Tag("points")]],
+                    Discriminator(_targets_kind)]
+
+
 class ExtrapolateRequest(Strict):
     """Sample the four variables at target points given context observations."""
 
-    model: str | None = Field(None, description="Model version (GET /v1/models); default: the default one.")
+    model: ModelName = None
     context: Observations
-    targets: Literal["circle"] | Points = Field(
+    targets: Targets = Field(
         "circle", description="Points, or 'circle': every point of the region's circle not in the context.")
     num_samples: int = Field(8, ge=1)
     solver: Solver = "euler"
@@ -169,6 +218,8 @@ class ExtrapolateRequest(Strict):
         if self.num_samples > s.max_samples:
             raise _err("too_many", "num_samples = {n}; at most {m} allowed", n=self.num_samples, m=s.max_samples)
         n_tgt = None if isinstance(self.targets, str) else self.targets.n
+        if not isinstance(self.targets, str):
+            self.targets.check_distinct("targets")
         _check_common(s, self.context.n, n_tgt, [("steps", self.steps),
                                                  ("log_likelihood.steps", self.log_likelihood.steps)],
                       self.log_likelihood.n_probes)
@@ -178,7 +229,7 @@ class ExtrapolateRequest(Strict):
 class LogLikelihoodRequest(Strict):
     """log p(observed values at the target points | context), jointly over the targets."""
 
-    model: str | None = None
+    model: ModelName = None
     context: Observations
     targets: Observations
     solver: Solver = "midpoint"
@@ -190,5 +241,42 @@ class LogLikelihoodRequest(Strict):
 
     @model_validator(mode="after")
     def _limits(self, info: ValidationInfo) -> "LogLikelihoodRequest":
+        self.targets.check_distinct("targets")
         _check_common(_settings(info), self.context.n, self.targets.n, [("steps", self.steps)], self.n_probes)
         return self
+
+
+MAX_KEYS = 32  # keys in any one object of a request (the largest, ExtrapolateRequest, has 14 fields)
+_SCHEMA_DEPTH = 5  # the deepest level pydantic reads: body.context.values.t2m[i]
+
+
+def check_sizes(data: dict[str, Any], settings: Settings) -> None:
+    """Refuse, before any model is built, a body whose arrays or objects are longer than any valid request
+    has (`too_many`, 422): pydantic would otherwise report every element of an 835k-element array.
+
+    Context arrays are bounded by max_context, target arrays by max_targets, any other array by the larger
+    of the two and any object by MAX_KEYS; nothing deeper than the schema reads is visited."""
+    def limit_for(loc: tuple[Any, ...]) -> tuple[int, str]:
+        if loc[:1] == ("context",) and len(loc) >= 2:
+            return settings.max_context, "context points"
+        if loc[:1] == ("targets",) and len(loc) >= 2:
+            return settings.max_targets, "target points"
+        return max(settings.max_context, settings.max_targets), "values"
+
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        node, loc = stack.pop()
+        if isinstance(node, dict):
+            if len(node) > MAX_KEYS:
+                raise ApiError(422, "too_many", f"{loc_str(loc)} has {len(node)} keys; at most {MAX_KEYS} allowed")
+            children = [(v, loc + (k,)) for k, v in node.items()]
+        elif isinstance(node, list):
+            n, what = limit_for(loc)
+            if len(node) > n:
+                raise ApiError(422, "too_many", f"{loc_str(loc)} has {len(node)} entries; at most {n} {what} "
+                               "allowed")
+            children = [(v, loc + (i,)) for i, v in enumerate(node)]
+        else:
+            continue
+        if len(loc) < _SCHEMA_DEPTH:
+            stack.extend(c for c in reversed(children) if isinstance(c[0], (dict, list)))  # in body order

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class KeyFileError(ValueError):
+    """The configured API keys cannot be used: the service refuses to start rather than serve without auth."""
+
 
 MIN_REGISTRY_POLL_S = 1.0  # the shortest registry watch interval (0 turns the watch off)
 
@@ -39,6 +47,15 @@ class Settings(BaseSettings):
     # ---- security ------------------------------------------------------------------------------
     api_keys: list[SecretStr] = Field(default_factory=list, description="API keys; empty with no file: auth off.")
     api_keys_file: Path | None = Field(None, description="One key per line, or 'sha256:<hex>' of a key.")
+
+    # ---- HTTP server (flownp-serve: service.server) -----------------------------------------------
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection whose request headers are not all "
+                                    "in this long after it opened (or after its previous answer) is closed.")
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body not all in this long after its "
+                                  "headers: the connection is closed.")
+    keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this long.")
+    limit_concurrency: int | None = Field(64, ge=1, description="Connections or requests at once; beyond, "
+                                          "uvicorn answers 503 (none: unbounded).")
 
     # ---- limits --------------------------------------------------------------------------------
     max_body_bytes: int = 4 * 1024 * 1024
@@ -66,15 +83,36 @@ class Settings(BaseSettings):
         return v
 
     def key_hashes(self) -> list[bytes]:
-        """sha256 digests of the configured keys (plain keys are hashed here, never kept or compared)."""
-        out = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in self.api_keys]
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                if line.startswith("sha256:"):
-                    out.append(bytes.fromhex(line[7:].strip()))
-                else:
-                    out.append(hashlib.sha256(line.encode()).digest())
+        """sha256 digests of the configured keys (plain keys are hashed here, never kept or compared).
+
+        Fails closed (KeyFileError): a key file that is set but unreadable or holds no key, a `sha256:`
+        line that is not 64 hex digits, or an empty key; an empty list means auth is off."""
+        out = []
+        for k in self.api_keys:
+            if not k.get_secret_value():
+                raise KeyFileError("FLOWNP_API_KEYS holds an empty key")
+            out.append(hashlib.sha256(k.get_secret_value().encode()).digest())
+        if self.api_keys_file is None:
+            return out
+        try:
+            text = self.api_keys_file.read_text()
+        except OSError as exc:
+            raise KeyFileError(f"FLOWNP_API_KEYS_FILE cannot be read ({exc.strerror or exc})") from None
+        n = 0
+        for i, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("sha256:"):
+                hexd = line[7:].strip()
+                if not _SHA256_HEX.fullmatch(hexd):
+                    raise KeyFileError(f"FLOWNP_API_KEYS_FILE line {i}: 'sha256:' must be followed by the "
+                                       "64 hex digits of a key's sha256")
+                out.append(bytes.fromhex(hexd))
+            else:
+                out.append(hashlib.sha256(line.encode()).digest())
+            n += 1
+        if n == 0:
+            raise KeyFileError("FLOWNP_API_KEYS_FILE is set but holds no key (empty or only comments); "
+                               "refusing to serve with authentication off: add a key, or unset the variable")
         return out

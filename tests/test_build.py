@@ -1,6 +1,7 @@
 """Stores built from files made of the real geocat map placed at other times (train/valid/test years)."""
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -121,3 +122,43 @@ def test_store_without_train_years_says_what_to_do(geocat, tmp_path):
     build_store([f], tmp_path / "s", progress=False)
     with pytest.raises(StoreError, match="--stats reference"):
         _ = Store.open(tmp_path / "s").normalizer
+
+
+DEAD_PID = 2**22 + 12345  # above Linux's largest pid (pid_max <= 2**22): no such process
+
+
+def test_a_rerun_removes_the_temporaries_of_killed_writers(geocat, tmp_path):
+    """D16: kill -9 leaves `.<shard>.nc.XXXX.part` and `.manifest.json.XXXX.part`; the rerun that writes
+    those files again removes them (a live writer's temporary stays)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    a = year_file(geocat, raw / "a.nc", 1986, hours=3)
+    build_store([a], tmp_path / "ref", progress=False)
+    (shard,) = [p.name for p in (tmp_path / "ref" / "shards").iterdir()]
+    store = tmp_path / "s"
+    (store / "shards").mkdir(parents=True)
+    stale = [store / "shards" / f".{shard}.{DEAD_PID}.k9x2.part", store / "shards" / f".{shard}.q1w2e3r4.part",
+             store / f".manifest.json.{DEAD_PID}.zz.part"]
+    live = store / "shards" / f".{shard}.{os.getppid()}.live.part"  # our parent process is alive
+    for p in stale + [live]:
+        p.write_bytes(b"half a file")
+    build_store([a], store, progress=False)
+    assert [p for p in stale if p.exists()] == [] and live.exists()
+    assert (store / "shards" / shard).read_bytes() == (tmp_path / "ref" / "shards" / shard).read_bytes()
+
+
+def test_atomic_writes_fsync_the_directory_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    import ingest.io as io
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(io.os, "fsync", spy)
+    io.write_json_atomic(tmp_path / "m.json", {"a": 1})
+    assert synced == ["file", "dir"] and json.loads((tmp_path / "m.json").read_text()) == {"a": 1}

@@ -129,7 +129,7 @@ def post(client, route: str, body: Any, headers: dict[str, str]) -> Any:
 def assert_clean_error(r, status: int, code: str | None = None) -> None:
     assert r.status_code == status, (r.status_code, r.text[:300])
     err = r.json()["error"]
-    assert set(err) <= {"code", "message", "details"} and err["message"]
+    assert set(err) <= {"code", "message", "details", "count"} and err["message"]
     if code:
         assert err["code"] == code, err
     for bad in ("Traceback", "/work", "/tmp", ".py", "site-packages"):

@@ -18,7 +18,7 @@ from flownp.inference import LL_KIND, LL_UNITS, task as make_task
 from service.deps import PROTECTED, EngineDep, MetricsDep, SettingsDep, json_response, require_ready
 from service.engine import check_context_size, resolve_estimator, run_extrapolate, run_log_likelihood
 from service.errors import ApiError
-from service.http import NETCDF, choose_format, read_json, validate
+from service.http import NETCDF, choose_format, read_request
 from service.responses import extrapolation_body, extrapolation_netcdf
 from service.schemas import ExtrapolateRequest, LogLikelihoodRequest, Points
 
@@ -41,7 +41,7 @@ def _timing(timing: dict[str, float], t0: float) -> dict[str, float]:
 async def extrapolate(request: Request, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
     """Sample the four variables at the targets given the context; per-sample joint log-likelihoods."""
     t0 = time.perf_counter()
-    req = validate(ExtrapolateRequest, await read_json(request, settings.max_body_bytes), settings)
+    req = await read_request(ExtrapolateRequest, request, settings)
     fmt = choose_format(req.format, request.headers.get("accept", ""))
     require_ready(engine)
     lm = engine.get(req.model)  # one read of the served snapshot; the request keeps this model
@@ -98,7 +98,8 @@ async def log_likelihood(request: Request, engine: EngineDep, settings: Settings
                          metrics: MetricsDep) -> Response:
     """Joint and per-point log p(target values | context), nats, with its estimator and solver."""
     t0 = time.perf_counter()
-    req = validate(LogLikelihoodRequest, await read_json(request, settings.max_body_bytes), settings)
+    req = await read_request(LogLikelihoodRequest, request, settings)
+    choose_format(None, request.headers.get("accept", ""), offered=("json",))
     require_ready(engine)
     lm = engine.get(req.model)
     space, ctx, tg = lm.space, req.context, req.targets

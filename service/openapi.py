@@ -1,0 +1,134 @@
+"""The OpenAPI document, made to tell the truth: every status a route can answer with the error schema
+(`{"error": {"code", "message", "details"?, "count"?}}`), the real content types (netCDF, Prometheus
+text), and the request limits of the running settings (points, samples, steps, probes, quantiles) as JSON
+Schema. What JSON Schema cannot say (equal list lengths, the model's disc, its trained minimum context,
+distinct targets) is in the descriptions; such bodies get 422."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.http import NETCDF
+from service.schemas import ExtrapolateRequest, LogLikelihoodRequest
+from service.settings import Settings
+
+ERROR = {
+    "type": "object", "required": ["error"], "additionalProperties": False,
+    "properties": {"error": {
+        "type": "object", "required": ["code", "message"], "additionalProperties": False,
+        "properties": {
+            "code": {"type": "string", "description": "Stable machine-readable code, e.g. too_many."},
+            "message": {"type": "string", "description": "What to fix."},
+            "details": {"type": "array", "maxItems": 20, "items": {
+                "type": "object", "required": ["loc", "code", "message"], "additionalProperties": False,
+                "properties": {"loc": {"type": "string"}, "code": {"type": "string"},
+                               "message": {"type": "string"}}}},
+            "count": {"type": "integer", "minimum": 1, "description": "Problems found (details lists the first 20)."},
+        }}},
+}
+
+_WHY = {
+    400: "The body is not valid JSON.", 401: "An API key is needed (auth on) or the one sent is not valid.",
+    404: "No such model version.", 406: "The Accept header names no type this route answers.",
+    409: "The new models could not be loaded; the old ones are still served.",
+    413: "The body exceeds the size limit.", 415: "Not application/json, or a Content-Encoding other than identity.",
+    422: "Invalid request: a field (its type, range, length), or a rule across fields (equal list lengths, points "
+         "inside the model's disc, at least the model's trained minimum context, distinct target points).",
+    500: "An internal error (logged; no details are given).",
+    503: "Not ready (loading, or the load failed) or overloaded; see Retry-After.",
+    504: "The request's deadline passed.",
+}
+_POST = (400, 401, 404, 406, 413, 415, 422, 500, 503, 504)
+STATUSES = {  # (path, method) -> error statuses it can answer
+    ("/v1/extrapolate", "post"): _POST,
+    ("/v1/log-likelihood", "post"): _POST,
+    ("/v1/models", "get"): (401, 500, 503),
+    ("/v1/models/{version}", "get"): (401, 404, 500, 503),
+    ("/v1/admin/reload", "post"): (401, 409, 500),
+    ("/livez", "get"): (500,),
+    ("/readyz", "get"): (500, 503),
+    ("/metrics", "get"): (401, 500),
+}
+_JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+OK_CONTENT = {
+    ("/v1/extrapolate", "post"): {**_JSON_OBJECT, NETCDF: {"schema": {"type": "string", "format": "binary"}}},
+    ("/v1/log-likelihood", "post"): _JSON_OBJECT,
+    ("/v1/models", "get"): _JSON_OBJECT,
+    ("/v1/models/{version}", "get"): _JSON_OBJECT,
+    ("/v1/admin/reload", "post"): _JSON_OBJECT,
+    ("/readyz", "get"): {"application/json": {"schema": {
+        "type": "object", "required": ["status", "models", "default"],
+        "properties": {"status": {"const": "ready"}, "models": {"type": "array", "items": {"type": "string"}},
+                       "default": {"type": ["string", "null"]}}}}},
+    ("/metrics", "get"): {CONTENT_TYPE_LATEST: {"schema": {"type": "string",
+                                                           "description": "Prometheus text exposition format."}}},
+}
+
+
+def _points(schema: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    """A copy of a Points/Observations schema whose arrays hold lo..hi entries."""
+    out = copy.deepcopy(schema)
+    props = out["properties"]
+    arrays = [props["latitude"], props["longitude"]] + list(props.get("values", {}).get("properties", {}).values())
+    for a in arrays:
+        a["minItems"], a["maxItems"] = lo, hi
+    return out
+
+
+def _limits(comps: dict[str, Any], s: Settings) -> None:
+    """The settings' limits in the request schemas (in place)."""
+    obs, pts = comps["Observations"], comps["Points"]
+    ex, ll, opts = comps["ExtrapolateRequest"]["properties"], comps["LogLikelihoodRequest"]["properties"], \
+        comps["LikelihoodOptions"]["properties"]
+    ex["context"] = ll["context"] = {**_points(obs, s.min_context, s.max_context),
+                                     "description": "Context observations (a model may need more than "
+                                                    "minItems: GET /v1/models gives its min_context)."}
+    ex["targets"]["oneOf"] = [{"type": "string", "const": "circle"}, _points(pts, 1, s.max_targets)]
+    ll["targets"] = _points(obs, 1, s.max_targets)
+    ex["num_samples"]["maximum"] = s.max_samples
+    for p in (ex["steps"], opts["steps"], ll["steps"]):
+        p["maximum"] = s.max_steps
+    for p in (opts["n_probes"], ll["n_probes"]):
+        p["maximum"] = s.max_probes
+    ex["quantiles"].update(maxItems=s.max_quantiles, items={"type": "number", "exclusiveMinimum": 0,
+                                                             "exclusiveMaximum": 1})
+    time = {"anyOf": [{"type": "string", "description": "ISO 8601, e.g. 2017-01-15T12:00:00Z"}, {"type": "null"}],
+            "default": None, "description": "Valid time (echoed back; the model is stationary)."}
+    obs["properties"]["time"] = time
+    for c in (ex["context"], ll["context"], ll["targets"]):
+        c["properties"]["time"] = time
+
+
+def _responses(schema: dict[str, Any]) -> None:
+    """Every operation's real statuses and content types (in place)."""
+    for (path, method), statuses in STATUSES.items():
+        op = schema["paths"][path][method]
+        responses = op.setdefault("responses", {})
+        responses.pop("422", None)  # FastAPI's HTTPValidationError: our 422 is the error schema
+        if (path, method) in OK_CONTENT:
+            responses.setdefault("200", {"description": "OK"})["content"] = OK_CONTENT[path, method]
+        for status in statuses:
+            responses[str(status)] = {"description": _WHY[status],
+                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    comps = schema["components"]["schemas"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        comps.pop(name, None)
+    comps["Error"] = ERROR
+
+
+def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The document for `app` (its routes, the request models and the limits of `settings`)."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for m in (ExtrapolateRequest, LogLikelihoodRequest):
+        js = m.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(js.pop("$defs", {}))
+        comps[m.__name__] = js
+    _limits(comps, settings)
+    _responses(schema)
+    return schema
