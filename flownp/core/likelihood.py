@@ -126,7 +126,12 @@ def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig 
 
 def resolve_estimator(independent: bool, estimator: str) -> str:
     """'auto' | 'exact' | a named estimator -> the divergence estimator used: exact-blocks for independent
-    targets; for joint targets exact-full ('exact') or Hutchinson ('auto'); named ones unchanged."""
+    targets; for joint targets exact-full ('exact') or Hutchinson ('auto'); named ones unchanged, except
+    that exact-blocks is refused for joint targets (there it drops the cross-target terms of the trace: a
+    wrong number, not an estimate)."""
+    if estimator == "exact-blocks" and not independent:
+        raise ValueError("estimator 'exact-blocks' is exact only for targets='independent'; this model "
+                         "generates its targets jointly: use 'exact' (exact-full), 'hutchinson' or 'auto'")
     if estimator not in ("auto", "exact"):
         return estimator
     if independent:
