@@ -52,7 +52,7 @@ class LikelihoodResult:
                 "n_probes": self.n_probes, "solver": self.solver, "nfe": self.nfe, "density": self.density}
 
 
-def _probes(shape: torch.Size, n: int, kind: str, seed: int, like: torch.Tensor) -> torch.Tensor:
+def draw_probes(shape: torch.Size, n: int, kind: str, seed: int, like: torch.Tensor) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     if kind == "rademacher":
         e = torch.randint(0, 2, (n, *shape), generator=g).to(like.dtype) * 2 - 1
@@ -146,7 +146,7 @@ def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig 
     `known(t, y) -> (r (B, n, D), div r (B,))`: a further field whose divergence is known exactly (a GAV
     residual): it moves the state but is kept out of the estimator."""
     check_estimator(estimator, n_probes)
-    probes = _probes(y1.shape, n_probes, probe, seed, y1) if estimator == "hutchinson" else None
+    probes = draw_probes(y1.shape, n_probes, probe, seed, y1) if estimator == "hutchinson" else None
     y0, a, nfe = divergence_integral(vf, y1, solver=solver, estimator=estimator, probes=probes,
                                      create_graph=create_graph, known=known)
     return result_from_integral(standard_normal_log_density(y0), a, estimator=estimator, probe=probe,
