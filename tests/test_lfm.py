@@ -10,6 +10,7 @@ exact log-density is log N(that; 0, 1) + log(sqrt(v_N) / s) per element.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -161,7 +162,6 @@ def test_trained_blocks_match_the_exact_gaussian_log_density():
     assert res.estimator == "exact-blocks"
     per_el = lambda ll: ll.mean().item() / yt[0].numel()  # noqa: E731
     want = per_el(exact_model_ll(cfg, yt.double()))
-    print("LFM-GAUSS", per_el(res.joint), want, per_el(untrained.joint))
     assert abs(per_el(res.joint) - want) < 0.05, (per_el(res.joint), want)
     assert abs(per_el(untrained.joint) - want) > 0.2  # the check can fail: untrained blocks are far off
 
@@ -244,3 +244,77 @@ def test_checkpoints_rebuild_every_block_and_map(tmp_path):
         assert type(back) is type(m)
         torch.testing.assert_close(back.flow_samples(xc, yc, xt, z, SolverConfig("euler", 2))[0],
                                    m.flow_samples(xc, yc, xt, z, SolverConfig("euler", 2))[0], atol=0, rtol=0)
+
+
+# ---- the jobs -------------------------------------------------------------------------------------
+def _cfg(**kw):
+    from flownp.jobs.train import TrainConfig
+
+    base = dict(steps=4, batch_size=2, n_ctx_min=30, n_ctx_max=40, n_tgt=10, warmup=1, ckpt_every=2, log_every=1,
+                val_batches=1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+JOB_MODEL = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, embed_hidden=16, head_hidden=16)
+JOB_LFM = LFMConfig(n_blocks=2, push_method="euler", push_steps=1)
+
+
+def test_lfm_training_resumes_exactly_mid_block_and_trains_blocks_in_sequence(tiny_store, tmp_path):
+    from flownp.jobs.lfm import LFMTrainer
+    from ingest.store import Store
+
+    store = Store.open(tiny_store)
+    full = LFMTrainer(store, tmp_path / "full", JOB_MODEL, JOB_LFM, _cfg())
+    before = [p.clone() for p in full.model.parameters()]
+    full.run_blocks(progress=False)
+    crashed = LFMTrainer(store, tmp_path / "part", JOB_MODEL, JOB_LFM, _cfg())
+    crashed.run_blocks(progress=False, stop_at=(1, 3))  # "crashes" in block 2 at step 3; last.pt: block 2, step 2
+    resumed = LFMTrainer(store, tmp_path / "part", JOB_MODEL, JOB_LFM, _cfg())
+    resumed.resume(tmp_path / "part" / "last.pt")
+    assert (resumed.block, resumed.step) == (1, 2)
+    resumed.run_blocks(progress=False)
+    for pa, pb in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(pa, pb)
+    assert all(not torch.equal(a, b) for a, b in zip(before, full.model.parameters()))  # every block trained
+    # block1.pt holds block 1 trained and block 2 untouched; best.pt rebuilds both blocks
+    b1 = load_checkpoint(tmp_path / "full" / "block1.pt")
+    assert b1["lfm_block"] == 1 and b1["lfm_config"] == JOB_LFM.to_dict()
+    first, n0 = model_from_checkpoint(b1), len(list(full.model.blocks[0].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.blocks[0].parameters(), full.model.blocks[0].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.blocks[1].parameters(), before[n0:]))
+    best = model_from_checkpoint(load_checkpoint(tmp_path / "full" / "best.pt"))
+    assert isinstance(best, LFM)
+    for pa, pb in zip(best.parameters(), full.ema.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_cli_train_lfm_then_distill_it(tiny_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from flownp.jobs.cli import app
+    from ingest.store import Store
+    from ingest.tasks import TaskConfig, TaskSampler
+
+    tiny = ["--steps", "2", "--batch-size", "2", "--n-ctx", "30-40", "--n-tgt", "10", "--warmup", "1", "--ckpt-every",
+            "2", "--quiet"]
+    run = CliRunner()
+    r = run.invoke(app, ["train-lfm", "--data", str(tiny_store), "--out", str(tmp_path / "lfm"), "--n-blocks", "2",
+                         "--gamma-c", "0.5", "--push-steps", "1", "--d-model", "16", "--n-layers", "1", *tiny])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["blocks_done"] == 2
+    r = run.invoke(app, ["distill", "--from", str(tmp_path / "lfm" / "best.pt"), "--data", str(tiny_store), "--out",
+                         str(tmp_path / "dist"), "--group", "2", "--teacher-steps", "2", *tiny])
+    assert r.exit_code == 0, r.output
+    ck = load_checkpoint(tmp_path / "dist" / "last.pt")
+    assert ck["exact_density"] is False and ck["distill"]["teacher_lfm_config"]["n_blocks"] == 2
+    m = model_from_checkpoint(ck)
+    assert isinstance(m, DistilledSampler) and isinstance(m.teacher, LFM) and len(m.maps) == 1
+    store = Store.open(tiny_store)
+    _, test = store.load("test")
+    b = TaskSampler(test, store.region.circle_xy, TaskConfig(30, 30, 8, 2, seed=1))[0]
+    assert sample(m, b.xc, b.yc, b.xt, n_samples=2).nfe == 1
+    res = log_likelihood(m, b.xc, b.yc, b.xt, b.yt, solver=SolverConfig("euler", 2), estimator="hutchinson")
+    assert res.density.startswith("teacher's (lfm)") and torch.isfinite(res.joint).all()
+    r = run.invoke(app, ["distill", "--from", str(tmp_path / "dist" / "last.pt"), "--data", str(tiny_store), "--out",
+                         str(tmp_path / "bad"), "--steps", "1", "--quiet"])
+    assert r.exit_code == 2 and "not a GAV or distilled" in r.output
