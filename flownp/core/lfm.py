@@ -46,16 +46,23 @@ from flownp.core.sampling import flow_samples
 from flownp.core.solvers import SolverConfig
 
 
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
-    return cls(**d)
+class _Plain:
+    """to_dict / from_dict (unknown keys refused) for a dataclass of plain fields (the core cannot use
+    ingest.configs.DictConfig)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        unknown = set(d) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
-class LFMConfig:
+class LFMConfig(_Plain):
     """n_blocks: N; gamma_c, gamma_rho: the OU step schedule gamma_n = c rho^(n-1) (OU time units: the
     process dX = -X dt + sqrt(2) dW); push_method, push_steps: the fixed-step solver that pushes training
     targets through the trained blocks (what "p_{n-1}" means for block n)."""
@@ -89,13 +96,6 @@ class LFMConfig:
 
     def push_solver(self) -> SolverConfig:
         return SolverConfig(self.push_method, self.push_steps)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LFMConfig":
-        return _from_dict(cls, d)
 
 
 def _state4(y: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -194,7 +194,7 @@ def block_loss(lfm: LFM, n: int, xc: torch.Tensor, yc: torch.Tensor, xt: torch.T
 
 # ---- distillation ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(_Plain):
     """group: k teacher blocks (LFM) or time segments (global flow) per one-step map; segments: N, the
     global flow's equal time segments (an LFM teacher's N is its n_blocks); teacher_method, teacher_steps:
     the teacher's solver per block or segment when it makes the training pairs."""
@@ -211,13 +211,6 @@ class DistillConfig:
 
     def teacher_solver(self) -> SolverConfig:
         return SolverConfig(self.teacher_method, self.teacher_steps)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
-        return _from_dict(cls, d)
 
 
 def teacher_steps_of(teacher: nn.Module, cfg: DistillConfig) -> int:
