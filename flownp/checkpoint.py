@@ -1,6 +1,7 @@
 """Self-describing checkpoints: plain dicts that rebuild the model and load with weights_only=True.
 
-Contents: kind, format version, model config (dict), weights, EMA weights, optimizer and scheduler
+Contents: kind, format version, model config (dict; for LFM and distilled models the blocks' config, with
+`lfm_config` / `distill` describing the composition), weights, EMA weights, optimizer and scheduler
 state, step, train config (dict), normaliser (dict), region (dict), the store manifest's sha256,
 versions (package, torch), and free-form `extra` (e.g. the base checkpoint of a fine-tune).
 `load_verified` is the one verified load (read once, sha256, then weights_only=True of those bytes);
@@ -62,9 +63,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_checkpoint(ckpt: dict[str, Any], *, ema: bool = True) -> FlowNP:
     """Rebuild the model from what the checkpoint stores (EMA weights when present and asked for): a
-    FlowNP, or a FlowNP with a GAV residual when the checkpoint holds a `gav_config`."""
+    FlowNP, a FlowNP with a GAV residual when the checkpoint holds a `gav_config`, a Local Flow Matching
+    model (every block) when it holds an `lfm_config`, or a distilled sampler with its teacher when it holds
+    `distill` (flownp.core.lfm). Checkpoints without these keys load as before."""
     model: Any = FlowNP(ModelConfig.from_dict(ckpt["model_config"]))
-    if ckpt.get("gav_config") is not None:
+    if ckpt.get("lfm_config") is not None or ckpt.get("distill") is not None:
+        from flownp.core.lfm import build_from_config
+
+        model = build_from_config(ckpt["model_config"], ckpt.get("lfm_config"), ckpt.get("distill"))
+    elif ckpt.get("gav_config") is not None:
         from flownp.core.gav import GAVConfig, GAVFlowNP
 
         model = GAVFlowNP(model, GAVConfig.from_dict(ckpt["gav_config"]))

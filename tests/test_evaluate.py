@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from flownp.jobs.baselines.idw import IDWPredictor
 from flownp.jobs.baselines.oracle import OraclePredictor
 from flownp.jobs.cli import app
+from flownp.core.solvers import SolverConfig
 from flownp.jobs.evaluate import crps_from_samples, evaluate_predictor, synthetic_law
 from ingest.store import Store
 from ingest.tasks import TaskConfig, TaskSampler
@@ -85,3 +86,26 @@ def test_cli_pretrain_then_evaluate_json(tiny_store, tmp_path):
     # bad input: a clear error, exit code 2
     r = run.invoke(app, args[:-1] + ["--baseline", "kriging"])
     assert r.exit_code == 2 and "unknown baseline" in r.output
+
+
+def test_hutchinson_probes_are_drawn_per_batch_and_kept_for_the_same_tasks(tiny_store, monkeypatch):
+    """Every batch used to get probe seed 0: their estimator errors were correlated and did not average out."""
+    import flownp.jobs.evaluate as ev
+    from flownp.core.config import ModelConfig
+    from flownp.core.model import FlowNP
+    from flownp.jobs.robustness import corrupted
+
+    store = Store.open(tiny_store)
+    _, test = store.load("test")
+    sampler = TaskSampler(test, store.region.circle_xy, TaskConfig(30, 30, 10, 2, seed=5))
+    batches = [sampler[0], sampler[1]]
+    seeds: list[int] = []
+    real = ev.log_likelihood
+    monkeypatch.setattr(ev, "log_likelihood", lambda *a, seed, **kw: (seeds.append(seed), real(*a, seed=seed, **kw))[1])
+    model = FlowNP(ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, embed_hidden=16, head_hidden=16))
+    pred = ev.FlowNPPredictor(model, SolverConfig("euler", 2), seed=7)
+    for b in batches + corrupted(batches, "gaussian:0.1", 0):
+        pred.log_likelihood(b)
+    assert seeds[0] != seeds[1]  # two batches, two probe draws
+    assert seeds[2:] == seeds[:2]  # the same tasks with a corrupted context: the same probes (paired)
+    assert ev.batch_probe_seed(8, batches[0]) != seeds[0]  # and the run's seed still matters

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flownp.core.config import ModelConfig
-from flownp.core.likelihood import log_likelihood
+from flownp.core.likelihood import log_likelihood, log_likelihood_fn
 from flownp.core.model import FlowNP, count_parameters
 from flownp.core.sampling import sample
 from flownp.core.solvers import SolverConfig
@@ -70,11 +70,15 @@ def test_exact_block_trace_equals_full_jacobian_trace_for_independent_targets():
     full = log_likelihood(m, xc, yc, xt, yt, solver=cfg, estimator="exact-full")
     assert blocks.estimator == "exact-blocks"
     torch.testing.assert_close(blocks.joint, full.joint, atol=1e-9, rtol=0)
-    # for a joint model the block sum misses the cross-point terms: it differs from the full trace
+    # for a joint model the block sum misses the cross-point terms: it differs from the full trace ...
     mj = FlowNP(CONFIGS["cached-joint"]).double().eval()
     fj = log_likelihood(mj, xc, yc, xt, yt, solver=cfg, estimator="exact-full")
-    bj = log_likelihood(mj, xc, yc, xt, yt, solver=cfg, estimator="exact-blocks")
+    ctx = mj.encode_context(xc, yc)
+    bj = log_likelihood_fn(lambda t, y: mj.velocity(ctx, xt, y, t), yt, solver=cfg, estimator="exact-blocks")
     assert (fj.joint - bj.joint).abs().max() > 1e-6
+    # ... so a joint model refuses it (it used to return that wrong number silently)
+    with pytest.raises(ValueError, match="exact-blocks.*independent"):
+        log_likelihood(mj, xc, yc, xt, yt, solver=cfg, estimator="exact-blocks")
 
 
 def test_likelihood_is_invariant_to_target_order():

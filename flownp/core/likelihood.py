@@ -10,9 +10,11 @@ Units: nats in normalised model space; `physical` subtracts n_tgt * sum(log std)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -39,6 +41,7 @@ class LikelihoodResult:
     solver: str
     nfe: int
     n_targets: int
+    density: str = "exact flow"  # or "teacher's": a distilled sampler has none, its teacher scores (lfm.py)
 
     def physical_per_point(self, log_std_sum: float) -> torch.Tensor:
         """Nats per target point in physical units (kPa, degC, m/s)."""
@@ -46,10 +49,10 @@ class LikelihoodResult:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "joint over targets", "units": "nats, normalised", "estimator": self.estimator,
-                "n_probes": self.n_probes, "solver": self.solver, "nfe": self.nfe}
+                "n_probes": self.n_probes, "solver": self.solver, "nfe": self.nfe, "density": self.density}
 
 
-def _probes(shape: torch.Size, n: int, kind: str, seed: int, like: torch.Tensor) -> torch.Tensor:
+def draw_probes(shape: torch.Size, n: int, kind: str, seed: int, like: torch.Tensor) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     if kind == "rademacher":
         e = torch.randint(0, 2, (n, *shape), generator=g).to(like.dtype) * 2 - 1
@@ -84,17 +87,12 @@ def _divergence(v: torch.Tensor, y: torch.Tensor, estimator: str, probes: torch.
 KnownFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig = SolverConfig("midpoint", 100),
-                      estimator: str = "hutchinson", n_probes: int = 1, probe: str = "rademacher",
-                      seed: int = 0, create_graph: bool = False, known: KnownFn | None = None) -> LikelihoodResult:
-    """Log density of y1 (B, n, D) under the flow of `vf(t, y)` (+ `known`) from N(0, I) at t = 0.
-    `known(t, y) -> (r (B, n, D), div r (B,))`: a further field whose divergence is known exactly (a GAV
-    residual): it moves the state but is kept out of the estimator."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator == "hutchinson" and n_probes < 1:
-        raise ValueError("n_probes must be >= 1")
-    probes = _probes(y1.shape, n_probes, probe, seed, y1) if estimator == "hutchinson" else None
+def divergence_integral(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig, estimator: str,
+                        probes: torch.Tensor | None = None, create_graph: bool = False,
+                        known: KnownFn | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Integrate dy/dt = vf(t, y) (+ `known`) from y1 (B, n, D) at t = 1 to t = 0 with the divergence:
+    -> (y0 (B, n, D), a (B, P) = -int_0^1 div v dt per probe (P = 1 for exact traces), nfe). One flow's
+    change of variables: log p1(y1) = log p0(y0) + a."""
 
     def field(t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         y = state[0]
@@ -109,24 +107,60 @@ def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig 
             v, div = v.detach(), div.detach()
         return v, div
 
-    p = n_probes if estimator == "hutchinson" else 1
+    p = probes.shape[0] if estimator == "hutchinson" else 1
     a0 = torch.zeros(y1.shape[0], p, dtype=y1.dtype, device=y1.device)
     # fused attention kernels have no second derivative: differentiating the divergence needs the math one
     with sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
         sol = solve(field, (y1, a0), 1.0, 0.0, solver)
     y0, a = sol.state
-    n, d = y1.shape[1], y1.shape[2]
-    logp0 = -0.5 * y0.pow(2).flatten(1).sum(1) - 0.5 * n * d * math.log(2 * math.pi)
+    return y0, a, sol.nfe
+
+
+def standard_normal_log_density(y: torch.Tensor) -> torch.Tensor:
+    """log N(y; 0, I) of each task's whole state y (B, n, D) -> (B,) nats."""
+    return -0.5 * y.pow(2).flatten(1).sum(1) - 0.5 * y[0].numel() * math.log(2 * math.pi)
+
+
+def check_estimator(estimator: str, n_probes: int) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "hutchinson" and n_probes < 1:
+        raise ValueError("n_probes must be >= 1")
+
+
+def result_from_integral(logp0: torch.Tensor, a: torch.Tensor, *, estimator: str, probe: str, solver: str,
+                         nfe: int, n_targets: int) -> LikelihoodResult:
+    """The LikelihoodResult of log p = logp0 (B,) + a (B, P): the mean over probes, their spread."""
     joint_p = logp0[:, None] + a  # (B, P)
+    p = a.shape[1]
     joint = joint_p.mean(1)
-    spread = joint_p.std(1) if p > 1 else None
-    return LikelihoodResult(joint, joint / n, spread, estimator if estimator != "hutchinson" else
-                            f"hutchinson-{probe}", p, solver.describe(), sol.nfe, n)
+    return LikelihoodResult(joint, joint / n_targets, joint_p.std(1) if p > 1 else None,
+                            estimator if estimator != "hutchinson" else f"hutchinson-{probe}", p, solver, nfe,
+                            n_targets)
+
+
+def log_likelihood_fn(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig = SolverConfig("midpoint", 100),
+                      estimator: str = "hutchinson", n_probes: int = 1, probe: str = "rademacher",
+                      seed: int = 0, create_graph: bool = False, known: KnownFn | None = None) -> LikelihoodResult:
+    """Log density of y1 (B, n, D) under the flow of `vf(t, y)` (+ `known`) from N(0, I) at t = 0.
+    `known(t, y) -> (r (B, n, D), div r (B,))`: a further field whose divergence is known exactly (a GAV
+    residual): it moves the state but is kept out of the estimator."""
+    check_estimator(estimator, n_probes)
+    probes = draw_probes(y1.shape, n_probes, probe, seed, y1) if estimator == "hutchinson" else None
+    y0, a, nfe = divergence_integral(vf, y1, solver=solver, estimator=estimator, probes=probes,
+                                     create_graph=create_graph, known=known)
+    return result_from_integral(standard_normal_log_density(y0), a, estimator=estimator, probe=probe,
+                                solver=solver.describe(), nfe=nfe, n_targets=y1.shape[1])
 
 
 def resolve_estimator(independent: bool, estimator: str) -> str:
     """'auto' | 'exact' | a named estimator -> the divergence estimator used: exact-blocks for independent
-    targets; for joint targets exact-full ('exact') or Hutchinson ('auto'); named ones unchanged."""
+    targets; for joint targets exact-full ('exact') or Hutchinson ('auto'); named ones unchanged, except
+    that exact-blocks is refused for joint targets (there it drops the cross-target terms of the trace: a
+    wrong number, not an estimate)."""
+    if estimator == "exact-blocks" and not independent:
+        raise ValueError("estimator 'exact-blocks' is exact only for targets='independent'; this model "
+                         "generates its targets jointly: use 'exact' (exact-full), 'hutchinson' or 'auto'")
     if estimator not in ("auto", "exact"):
         return estimator
     if independent:
@@ -145,14 +179,16 @@ def log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Ten
     `transform` passes one already computed for these tasks (e.g. `TaskTransform.repeat` to score several
     samples of one task)."""
     tr = transform if transform is not None else task_transform(model, xc, yc, xt)
+    # a model made of several flows (Local Flow Matching) or scored by its teacher (a distilled sampler)
+    # brings its own flow-space likelihood; a FlowNP is one flow
+    flow_ll = getattr(model, "flow_log_likelihood", None) or partial(flow_log_likelihood, model)
     if tr is None:
-        return flow_log_likelihood(model, xc, yc, xt, yt, solver=solver, estimator=estimator, n_probes=n_probes,
-                                   probe=probe, seed=seed, create_graph=create_graph)
-    res = flow_log_likelihood(model, xc, tr.context(yc), xt, tr.forward(yt), solver=solver, estimator=estimator,
-                              n_probes=n_probes, probe=probe, seed=seed, create_graph=create_graph)
+        return flow_ll(xc, yc, xt, yt, solver=solver, estimator=estimator, n_probes=n_probes, probe=probe, seed=seed,
+                       create_graph=create_graph)
+    res = flow_ll(xc, tr.context(yc), xt, tr.forward(yt), solver=solver, estimator=estimator, n_probes=n_probes,
+                  probe=probe, seed=seed, create_graph=create_graph)
     joint = res.joint + tr.log_jacobian().to(res.joint.dtype)
-    return LikelihoodResult(joint, joint / res.n_targets, res.spread, res.estimator, res.n_probes, res.solver,
-                            res.nfe, res.n_targets)
+    return dataclasses.replace(res, joint=joint, per_point=joint / res.n_targets)
 
 
 def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *,
@@ -161,6 +197,15 @@ def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torc
                         create_graph: bool = False) -> LikelihoodResult:
     """log p(yt | xt, context) of the flow alone, on the values it runs on (no per-task transform)."""
     estimator = resolve_estimator(model.config.targets == "independent", estimator)
+    vf, known = flow_field(model, xc, yc, xt, create_graph)
+    return log_likelihood_fn(vf, yt, solver=solver, estimator=estimator, n_probes=n_probes, probe=probe,
+                             seed=seed, create_graph=create_graph, known=known)
+
+
+def flow_field(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor,
+               create_graph: bool = False) -> tuple[VelocityFn, KnownFn | None]:
+    """A FlowNP's (or GAV model's) velocity as the likelihood integrates it, its context encoded once:
+    (vf(t, y), the part whose divergence is known exactly or None)."""
     with torch.set_grad_enabled(create_graph):
         ctx = model.encode_context(xc, yc)
     vf: VelocityFn = lambda t, y: model.velocity(ctx, xt, y, t)  # noqa: E731
@@ -170,5 +215,4 @@ def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torc
         # GAV: the base field's divergence is estimated, the structured residual's is exact (n * tr H)
         vf = lambda t, y: model.base.velocity(ctx.base, xt, y, t)  # noqa: E731
         known = lambda t, y: (model.residual_velocity(ctx, xt, y, t), model.residual_divergence(ctx, y, t))  # noqa: E731
-    return log_likelihood_fn(vf, yt, solver=solver, estimator=estimator, n_probes=n_probes, probe=probe,
-                             seed=seed, create_graph=create_graph, known=known)
+    return vf, known

@@ -5,6 +5,7 @@ and for every sample."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,11 +36,20 @@ def sample(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, *, 
     b, n = xt.shape[:2]
     d = model.config.y_dim
     tr = transform if transform is not None else task_transform(model, xc, yc, xt)
-    ctx = model.encode_context(xc, tr.context(yc) if tr is not None else yc).repeat(n_samples)
-    xs = xt.repeat_interleave(n_samples, dim=0)
     if y0 is None:
         y0 = torch.randn((b, n_samples, n, d), generator=generator, dtype=xt.dtype).to(xt.device)
-    sol = solve(lambda t, s: (model.velocity(ctx, xs, s[0], t),), (y0.reshape(b * n_samples, n, d),),
-                0.0, 1.0, solver)
-    out = sol.state[0].reshape(b, n_samples, n, d)
-    return SampleResult(tr.inverse(out) if tr is not None else out, sol.nfe)
+    # a model made of several flows or maps (flownp.core.lfm) runs its own; a FlowNP is one ODE
+    run = getattr(model, "flow_samples", None) or partial(flow_samples, model)
+    out, nfe = run(xc, tr.context(yc) if tr is not None else yc, xt, y0, solver)
+    return SampleResult(tr.inverse(out) if tr is not None else out, nfe)
+
+
+def flow_samples(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, y0: torch.Tensor,
+                 solver: SolverConfig, t0: float = 0.0, t1: float = 1.0) -> tuple[torch.Tensor, int]:
+    """One flow's ODE from y0 (B, S, n_tgt, D) at t0 to t1 in its own space (yc as the flow sees it: after
+    the per-task transform), the context encoded once for the S samples: -> (state (B, S, n_tgt, D), nfe)."""
+    b, s_, n, d = y0.shape
+    ctx = model.encode_context(xc, yc).repeat(s_)
+    xs = xt.repeat_interleave(s_, dim=0)
+    sol = solve(lambda t, s: (model.velocity(ctx, xs, s[0], t),), (y0.reshape(b * s_, n, d),), t0, t1, solver)
+    return sol.state[0].reshape(b, s_, n, d), sol.nfe

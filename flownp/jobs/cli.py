@@ -1,4 +1,4 @@
-"""`flownp` command line: version, pretrain, train-baseline, finetune, retrain, evaluate, and
+"""`flownp` command line: version, pretrain, train-baseline, finetune, train-lfm, distill, retrain, evaluate, and
 registry list/promote/delete. The training jobs' options are built from their config dataclasses
 (`flownp.jobs.options`): one definition per option, the same as the retrain YAML's."""
 
@@ -85,6 +85,31 @@ options.command(app, "finetune", "Fine-tune a pretrained FlowNP by maximum likel
                  _param("data", Annotated[Path, typer.Option("--data", help="Store directory (the base's normalisation).")]),
                  _param("out", RunDir), *_run_options()],
                 (options.FINETUNE, options.GAV, options.FINETUNE_TRAIN), _finetune)
+
+
+def _train_lfm(v: dict[str, Any]) -> None:
+    from flownp.jobs.lfm import train_lfm as run
+
+    _job(lambda: run(v["data"], v["out"], options.MODEL.build(v), options.LFM.build(v), options.TRAIN.build(v),
+                     resume=v["resume"], progress=not v["quiet"], max_minutes=v["max_minutes"]), v["out"])
+
+
+def _distill(v: dict[str, Any]) -> None:
+    from flownp.jobs.lfm import distill as run
+
+    _job(lambda: run(v["teacher"], v["data"], v["out"], options.DISTILL.build(v), options.TRAIN.build(v),
+                     resume=v["resume"], progress=not v["quiet"], max_minutes=v["max_minutes"]), v["out"])
+
+
+options.command(app, "train-lfm", "Train a Local Flow Matching model: N sub-flows in sequence (--steps per block), "
+                "each on the push-forward of the targets through the trained ones.",
+                [_param("data", Data), _param("out", RunDir), *_run_options()],
+                (options.MODEL, options.LFM, options.TRAIN), _train_lfm)
+options.command(app, "distill", "Distil a FlowNP or LFM checkpoint into N/k one-step maps (no exact density: "
+                "likelihoods come from the stored teacher).",
+                [_param("teacher", Annotated[Path, typer.Option("--from", help="Teacher checkpoint (FlowNP or LFM).")]),
+                 _param("data", Data), _param("out", RunDir), *_run_options()],
+                (options.DISTILL, options.TRAIN), _distill)
 
 
 @app.command()

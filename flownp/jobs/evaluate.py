@@ -12,6 +12,7 @@ result names them in `ll_units`. RMSE and CRPS per variable in kPa, degC, m/s.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -62,7 +63,8 @@ class FlowNPPredictor:
     def log_likelihood(self, batch: TaskBatch) -> torch.Tensor:
         b = batch.to(self.device)
         res = log_likelihood(self.model, b.xc, b.yc, b.xt, b.yt, solver=self.ll_solver,
-                             estimator=self.estimator, n_probes=self.n_probes, seed=self.seed)
+                             estimator=self.estimator, n_probes=self.n_probes,
+                             seed=batch_probe_seed(self.seed, batch))
         return res.joint.cpu()
 
     def sample(self, batch: TaskBatch, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -73,8 +75,19 @@ class FlowNPPredictor:
     def describe(self) -> dict[str, Any]:
         est = resolve_estimator(self.model.config.targets == "independent", self.estimator)
         return {"name": self.name, "ll_kind": self.ll_kind, "estimator": est, "n_probes": self.n_probes,
-                "probe_seed": self.seed, "ll_solver": self.ll_solver.describe(),
+                "probe_seed": self.seed, "probe_seeds": "per batch: batch_probe_seed(probe_seed, batch)",
+                "ll_solver": self.ll_solver.describe(),
                 "sample_solver": self.sample_solver.describe(), "model": self.model.config.to_dict()}
+
+
+def batch_probe_seed(seed: int, batch: TaskBatch) -> int:
+    """The Hutchinson probe seed of one batch: a function of `seed` and the batch's tasks (their maps and
+    target points), so every batch draws its own probes (a single seed for all batches correlates their
+    estimator errors: the mean over batches would not average them out) while the same task set, e.g. with a
+    corrupted context, keeps its probes (paired comparisons)."""
+    key = zlib.crc32(batch.map_index.cpu().numpy().astype(np.int64).tobytes())
+    key = zlib.crc32(batch.tgt_index.cpu().numpy().astype(np.int64).tobytes(), key)
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
 
 
 def crps_from_samples(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

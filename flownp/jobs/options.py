@@ -1,6 +1,7 @@
 """One definition per option: the training options live in their dataclasses (ModelConfig, TrainConfig,
 FinetuneConfig, GAVConfig, NeuralBaselineConfig), and the `flownp` CLI and the retrain YAML are built
-from them here, with no hand mapping and no second set of defaults.
+from them here, with no hand mapping and no second set of defaults (LFMConfig and DistillConfig too:
+`flownp train-lfm`, `flownp distill`).
 
 A `Group` names a dataclass, an optional prefix (`gav_kind` -> GAVConfig.kind), the stage's defaults
 where they differ from the dataclass's (fine-tuning's optimiser, `FINETUNE_TRAIN_DEFAULTS`), and rules:
@@ -38,6 +39,12 @@ HELP: dict[str, str] = {  # option help; a field without an entry is described b
     "grad": "backprop, checkpoint (less memory) or adjoint (least).",
     "train_base": "gav: also tune the base model.", "gav_kind": "gav: schur (Hurwitz), contracting, or mlp (ablation).",
     "gav_cayley_rank": "gav: low-rank skew factor (rank <= 2r) through Sherman-Morrison-Woodbury; default dense.",
+    "n_blocks": "LFM: sub-flows N (steps is per block).", "gamma_c": "LFM: first OU step gamma_1 = c.",
+    "gamma_rho": "LFM: OU step ratio, gamma_n = c rho^(n-1).",
+    "push_method": "LFM: fixed-step solver pushing targets through the trained blocks.",
+    "push_steps": "LFM: its steps per block.", "group": "distill: teacher blocks/segments per one-step map (k).",
+    "segments": "distill: time segments N of a global-flow teacher (N' = N / k maps).",
+    "teacher_method": "distill: the teacher's solver for the pairs.", "teacher_steps": "distill: its steps per block/segment.",
 }
 
 
@@ -187,6 +194,7 @@ def yaml_fields(*groups: Group) -> dict[str, tuple[Any, Any]]:
 def _stages() -> dict[str, Group]:
     from flownp.core.config import ModelConfig
     from flownp.core.gav import GAVConfig
+    from flownp.core.lfm import DistillConfig, LFMConfig
     from flownp.jobs.baselines.neural import NeuralBaselineConfig
     from flownp.jobs.finetune import FINETUNE_TRAIN_DEFAULTS, FinetuneConfig
     from flownp.jobs.train import TrainConfig
@@ -201,12 +209,15 @@ def _stages() -> dict[str, Group]:
         "finetune": Group(FinetuneConfig, exclude=("gav",)),
         "gav": Group(GAVConfig, prefix="gav_"),
         "finetune_train": Group(TrainConfig, defaults=FINETUNE_TRAIN_DEFAULTS),
+        "lfm": Group(LFMConfig),
+        "distill": Group(DistillConfig),
     }
 
 
 STAGES = _stages()
 MODEL, TRAIN, BASELINE = STAGES["model"], STAGES["train"], STAGES["baseline"]
 FINETUNE, GAV, FINETUNE_TRAIN = STAGES["finetune"], STAGES["gav"], STAGES["finetune_train"]
+LFM, DISTILL = STAGES["lfm"], STAGES["distill"]
 
 
 def finetune_config(values: Mapping[str, Any]) -> Any:

@@ -268,7 +268,8 @@ def run_job(job: RetrainJob, *, progress: bool = True, stop_after: str | None = 
 
     # both models on the same frozen tasks with the same 1-probe Hutchinson estimator and probe seed: the
     # probes are drawn per batch from that seed, so the two scores are paired
-    scoring = {"ll_solver": e.ll_solver, "probe_seed": e.seed, "n_probes": 1, "metric": GATE_METRIC}
+    scoring = {"ll_solver": e.ll_solver, "probe_seed": e.seed, "probe_draw": "per batch", "n_probes": 1,
+               "metric": GATE_METRIC}
 
     def score(ckpt: Path, name: str) -> dict[str, Any]:
         out = work / f"eval-{name}.json"
