@@ -4,7 +4,11 @@ included: (a) 8 samples with their log-likelihoods, (b) the exact log-likelihood
 the share of (a) the GP base takes. Goals (issue 14): (a) p50 <= 1 s, (b) <= 3 s on 2 cores.
 
     python bench/request_latency.py [--checkpoint PATH | default] [--repeats 7] [--threads 2]
-        [--solver euler:16] [--ll-solver midpoint:4]
+        [--solver model|euler:16] [--ll-solver model|midpoint:4] [--versus euler:8,midpoint:2]
+
+`model` (the default) takes the model's recorded solver defaults (its manifest's `solvers`, as the service
+does), else Euler 8 / midpoint 2. `--versus SAMPLE,LL` times (a) with other solvers in the same run and prints
+the ratio, so the comparison does not depend on how busy the machine is.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--solver", default="euler:16")
-    p.add_argument("--ll-solver", default="midpoint:4")
+    p.add_argument("--solver", default="model")
+    p.add_argument("--ll-solver", default="model")
+    p.add_argument("--versus", default=None, help="SAMPLE,LL solvers to time (a) with as well, e.g. euler:8,midpoint:2")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     lm = default_model() if a.checkpoint == "default" else build_model("bench", load_checkpoint(a.checkpoint),
@@ -43,7 +48,8 @@ def main() -> None:
     ci, ti = sp.perm[:sp.n_ctx], sp.perm[sp.n_ctx:]
     lat, lon = lm.space.region.circle_lat, lm.space.region.circle_lon
     t = task(lm.space, lat[ci], lon[ci], era5[ci].astype(np.float32), lat[ti], lon[ti], era5[ti].astype(np.float32))
-    solver, ll_solver = parse_solver(a.solver), parse_solver(a.ll_solver)
+    pick = lambda spec, kind, fb: lm.solver(kind, parse_solver(fb)) if spec == "model" else parse_solver(spec)  # noqa: E731
+    solver, ll_solver = pick(a.solver, "sample", "euler:8"), pick(a.ll_solver, "log_likelihood", "midpoint:2")
 
     def timed(fn) -> list[float]:
         fn()  # warm-up
@@ -54,16 +60,25 @@ def main() -> None:
             out.append(time.perf_counter() - t0)
         return out
 
-    req = timed(lambda: extrapolate(lm, t, num_samples=a.samples, solver=solver, seed=0, with_ll=True,
-                                    ll_solver=ll_solver, estimator="auto"))
+    def request(smp, lls):
+        return timed(lambda: extrapolate(lm, t, num_samples=a.samples, solver=smp, seed=0, with_ll=True,
+                                         ll_solver=lls, estimator="auto"))
+
+    req = request(solver, ll_solver)
+    vs = None
+    if a.versus:
+        vs_smp, vs_ll = (parse_solver(x) for x in a.versus.split(","))
+        vs = request(vs_smp, vs_ll)
     ll = timed(lambda: log_likelihood(lm, t, solver=ll_solver, estimator="exact"))
     base = timed(lambda: lm.model.task_transform(t.xc, t.yc, t.xt)) if getattr(lm.model, "has_task_transform",
                                                                              False) else [0.0]
     med = statistics.median
     print(f"request: {sp.n_ctx} context / {len(ti)} targets of the real map, {a.threads} threads, {a.repeats} repeats")
-    print(f"(a) {a.samples} samples ({a.solver}) with log-likelihoods ({a.ll_solver}): p50 {med(req):.3f} s, "
-          f"max {max(req):.3f} s  (goal p50 <= 1 s: {'met' if med(req) <= 1 else 'MISSED'})")
-    print(f"(b) exact log-likelihood of the targets ({a.ll_solver}): p50 {med(ll):.3f} s  "
+    print(f"(a) {a.samples} samples ({solver.describe()}) with log-likelihoods ({ll_solver.describe()}): "
+          f"p50 {med(req):.3f} s, max {max(req):.3f} s  (goal p50 <= 1 s: {'met' if med(req) <= 1 else 'MISSED'})")
+    if vs is not None:
+        print(f"    versus {a.versus}: p50 {med(vs):.3f} s; ratio {med(req) / med(vs):.3f}")
+    print(f"(b) exact log-likelihood of the targets ({ll_solver.describe()}): p50 {med(ll):.3f} s  "
           f"(goal <= 3 s: {'met' if med(ll) <= 3 else 'MISSED'})")
     print(f"GP base (fit + posterior + whitening) p50 {med(base):.3f} s = {med(base) / med(req):.2f} of (a)")
 
