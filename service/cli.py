@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 
+from service.logs import FORMATS, log_config
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="flownp-serve", description="Serve FlowNP extrapolation over HTTP. "
@@ -13,11 +15,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=FORMATS, default=None,
+                   help="text, or one JSON object a line (default: FLOWNP_LOG_FORMAT, else text)")
     args = p.parse_args(argv)
     import uvicorn
 
+    from service.settings import Settings
+
+    fmt = args.log_format or Settings().log_format
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
-                log_level=args.log_level, access_log=False)
+                log_level=args.log_level, access_log=False, log_config=log_config(args.log_level, fmt))
 
 
 def stop(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
