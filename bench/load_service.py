@@ -6,9 +6,11 @@ try), the fair share (clients / throughput: what each of them waits when served 
 p99 over it (goal <= 1.5), responses other than 200 by status (503 = deliberate overload refusals, retried
 after Retry-After with the X-Retry-Ticket); first served latency over the engine's own latency for one
 request (median of a few sequential ones; goal <= 1.1). Then, with --burst N, the lockout scenario of the
-service review (D1): a burst of N plain requests at once, then --trickle S seconds of one plain request a
-second (no ticket, no retry), each sent when /metrics says the engine runs no job: 503s on an idle engine
-(goal 0), and the project's client (service.client.Client, 3 retries) right after a second burst.
+service review (D1) with the README's small example (service/examples/extrapolate.json: 50 context, 3
+targets, a fraction of a second, so that the burst is over while its retry tickets are young): a burst of
+N plain requests at once, then --trickle S seconds of one plain request a second (no ticket, no retry),
+each sent when /metrics says the engine runs no job: 503s on an idle engine (goal 0), and the project's
+client (service.client.Client, 3 retries) right after a second burst.
 Loopback only; bounded by --requests, --max-seconds, --burst and --trickle.
 
     python bench/load_service.py                         # 200 requests per level, sampling only
@@ -123,6 +125,9 @@ async def _burst(url: str, payload: bytes, n: int) -> dict[str, int]:
     return out
 
 
+EXAMPLE = ROOT / "service" / "examples" / "extrapolate.json"
+
+
 def burst_then_trickle(url: str, payload: bytes, n: int, seconds: float) -> dict:
     """The review's lockout scenario (D1): a burst, then one plain request a second sent to an idle engine;
     then a second burst and one request through service.client.Client (3 retries with its ticket)."""
@@ -209,8 +214,8 @@ def main() -> None:
             res = asyncio.run(level(url, payload, args.requests, conc, args.max_seconds))
             print(json.dumps(res), flush=True)
         if args.burst > 0:
-            print(json.dumps({"burst_then_trickle": burst_then_trickle(url, payload, args.burst, args.trickle)}),
-                  flush=True)
+            out = burst_then_trickle(url, EXAMPLE.read_bytes(), args.burst, args.trickle)
+            print(json.dumps({"burst_then_trickle": {"request": EXAMPLE.name, **out}}), flush=True)
     finally:
         stop(proc)
 
