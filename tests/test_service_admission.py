@@ -8,16 +8,15 @@ import gc
 import json
 import socket
 import threading
-import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
 
 from service.admission import Admission, Overloaded, request_cost
 from service.settings import Settings
-from tests.test_service_common import running, small_request, wait_ready
+from tests.test_service_common import running, small_request, wait_for, wait_ready
 
 QUIET = {"warmup": False}
 
@@ -139,15 +138,6 @@ def metric(c: Any, name: str) -> float:
         if line.split(" ")[0] == name:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 60.0) -> bool:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_after_a_burst_an_idle_engine_serves_plain_requests_and_the_python_client(monkeypatch):
