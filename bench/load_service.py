@@ -2,12 +2,21 @@
 1000 context / 245 target points, 8 samples, 16 Euler steps, at concurrency 1, 4 and 16.
 
 Prints per level: requests answered, throughput (successful requests/s), p50/p99 latency (from the first
-try), responses other than 200 by status (503 = deliberate overload refusals, retried after Retry-After); first served latency over the engine's own latency for one request
-(median of a few sequential ones; goal <= 1.1). Loopback only; bounded by --requests and --max-seconds.
+try), the fair share (clients / throughput: what each of them waits when served in turn, Little's law) and
+p99 over it (goal <= 1.5), responses other than 200 by status (503 = deliberate overload refusals, retried
+after Retry-After with the X-Retry-Ticket); first served latency over the engine's own latency for one
+request (median of a few sequential ones; goal <= 1.1). Then, with --burst N, the lockout scenario of the
+service review (D1) with the README's small example (service/examples/extrapolate.json: 50 context, 3
+targets, a fraction of a second, so that the burst is over while its retry tickets are young): a burst of
+N plain requests at once, then --trickle S seconds of one plain request a second (no ticket, no retry),
+each sent when /metrics says the engine runs no job: 503s on an idle engine (goal 0), and the project's
+client (service.client.Client, 3 retries) right after a second burst.
+Loopback only; bounded by --requests, --max-seconds, --burst and --trickle.
 
     python bench/load_service.py                         # 200 requests per level, sampling only
     python bench/load_service.py --with-ll               # also each sample's log-likelihood (much slower)
     python bench/load_service.py --requests 40 --max-seconds 120 --workers 1 --max-queue 8
+    python bench/load_service.py --concurrency 16 --requests 100 --burst 30 --trickle 20
 """
 
 from __future__ import annotations
@@ -88,10 +97,65 @@ async def level(url: str, payload: bytes, n: int, conc: int, max_s: float) -> di
     wall = time.perf_counter() - t0
     ok = status.get(200, 0)
     q = np.percentile(lat, [50, 99]) if lat else [float("nan")] * 2
+    fair = conc * wall / ok if ok else float("nan")  # clients / throughput
     return {"concurrency": conc, "attempts": sum(status.values()), "ok": ok, "wall_s": round(wall, 1),
             "throughput_rps": round(ok / wall, 3), "p50_s": round(float(q[0]), 3), "p99_s": round(float(q[1]), 3),
+            "fair_share_s": round(fair, 3), "p99_over_fair_share": round(float(q[1]) / fair, 3),
             "errors": {str(k): v for k, v in sorted(status.items()) if k != 200},
             "server_errors_5xx_other_than_503": sum(v for k, v in status.items() if k >= 500 and k != 503)}
+
+
+def engine_jobs(c: httpx.Client) -> float:
+    """flownp_engine_jobs from /metrics: model jobs running or queued."""
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith("flownp_engine_jobs "):
+            return float(line.split()[1])
+    raise RuntimeError("no flownp_engine_jobs in /metrics")
+
+
+async def _burst(url: str, payload: bytes, n: int) -> dict[str, int]:
+    """n plain requests at once (no ticket, no retry): status counts."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        rs = await asyncio.gather(*(client.post("/v1/extrapolate", content=payload,
+                                                headers={"content-type": "application/json"}) for _ in range(n)))
+    out: dict[str, int] = {}
+    for r in rs:
+        out[str(r.status_code)] = out.get(str(r.status_code), 0) + 1
+    return out
+
+
+EXAMPLE = ROOT / "service" / "examples" / "extrapolate.json"
+
+
+def burst_then_trickle(url: str, payload: bytes, n: int, seconds: float) -> dict:
+    """The review's lockout scenario (D1): a burst, then one plain request a second sent to an idle engine;
+    then a second burst and one request through service.client.Client (3 retries with its ticket)."""
+    from service.client import Client, ServiceError
+
+    first = asyncio.run(_burst(url, payload, n))
+    trickle: dict[str, int] = {}
+    idle_503 = sent = 0
+    with httpx.Client(base_url=url, timeout=300) as c:
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            while engine_jobs(c) > 0 and time.perf_counter() < t_end:  # send only to an idle engine
+                time.sleep(0.05)
+            r = c.post("/v1/extrapolate", content=payload, headers={"content-type": "application/json"})
+            sent += 1
+            trickle[str(r.status_code)] = trickle.get(str(r.status_code), 0) + 1
+            idle_503 += r.status_code == 503
+            time.sleep(max(0.0, 1.0 - (time.perf_counter() - t0)))
+    second = asyncio.run(_burst(url, payload, n))
+    with Client(url, retries=3) as cl:
+        try:
+            cl.extrapolate_json(json.loads(payload))
+            client = "ok"
+        except ServiceError as exc:
+            client = f"failed: {exc}"
+    return {"burst": n, "burst_statuses": first, "trickle_sent": sent, "trickle_statuses": trickle,
+            "idle_engine_503": idle_503, "second_burst_statuses": second, "python_client_after_burst": client}
 
 
 def served_over_engine(url: str, payload: bytes, repeats: int) -> dict:
@@ -119,6 +183,8 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=8, help="Server FLOWNP_MAX_QUEUE.")
     p.add_argument("--with-ll", action="store_true", help="Include each sample's log-likelihood.")
     p.add_argument("--ratio-repeats", type=int, default=5, help="Sequential requests for the ratio (0: skip).")
+    p.add_argument("--burst", type=int, default=0, help="Burst-then-trickle scenario: burst size (0: skip).")
+    p.add_argument("--trickle", type=float, default=20.0, help="Seconds of one request a second after the burst.")
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,6 +213,9 @@ def main() -> None:
         for conc in (int(c) for c in args.concurrency.split(",")):
             res = asyncio.run(level(url, payload, args.requests, conc, args.max_seconds))
             print(json.dumps(res), flush=True)
+        if args.burst > 0:
+            out = burst_then_trickle(url, EXAMPLE.read_bytes(), args.burst, args.trickle)
+            print(json.dumps({"burst_then_trickle": {"request": EXAMPLE.name, **out}}), flush=True)
     finally:
         stop(proc)
 

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ingest.space import DomainError
 from service import __version__
@@ -62,6 +63,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
         return error_response(exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> Response:
+        """A client that went away before its body was read: 499 (nginx's "client closed request"), no
+        traceback; the answer is not delivered."""
+        log.info("%s %s: the client disconnected before the request was read", request.method, request.url.path)
+        return error_response(ApiError(499, "client_disconnected", "the client closed the connection"))
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> Response:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 
+from service.logs import FORMATS, log_config
+
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="flownp-serve", description="Serve FlowNP extrapolation over HTTP. "
@@ -13,6 +15,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=FORMATS, default=None,
+                   help="text, or one JSON object a line (default: FLOWNP_LOG_FORMAT, else text)")
     args = p.parse_args(argv)
     import uvicorn
     from pydantic import ValidationError
@@ -25,8 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         settings.key_hashes()
     except (KeyFileError, ValidationError) as exc:
         raise SystemExit(f"flownp-serve: {exc}") from None
+    fmt = args.log_format or settings.log_format
     uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port,
-                log_level=args.log_level, access_log=False, **uvicorn_options(settings))
+                log_level=args.log_level, access_log=False, log_config=log_config(args.log_level, fmt),
+                **uvicorn_options(settings))
 
 
 def stop(proc: subprocess.Popen, wait_s: float = 10.0) -> None:

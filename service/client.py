@@ -5,7 +5,7 @@
         ctx = c.circle(index=range(0, 1245, 3))             # or any Dataset with latitude/longitude
         ...                                                     # fill ctx["sp"], ["t2m"], ["u10"], ["v10"]
         out = c.extrapolate(ctx, targets="circle", num_samples=8, seed=0)   # xarray.Dataset
-        out.t2m.mean("sample"); out.log_likelihood
+        out.t2m.mean("sample")    # with "circle" targets log_likelihood only when asked: include=[..., "log_likelihood"]
 
 Datasets have one dimension `point` with coordinates `latitude`, `longitude` (degrees) and variables
 `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1]; answers put samples on a `sample` dimension.

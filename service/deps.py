@@ -44,10 +44,9 @@ PROTECTED = [Depends(auth)]
 
 
 def require_ready(engine: Engine) -> None:
-    """503 not_ready until the models are loaded and warmed up."""
+    """503 not_ready until the models are loaded and warmed up (load_failed when that failed)."""
     if not engine.ready:
-        raise ApiError(503, "not_ready", "the model is loading or warming up; retry shortly",
-                       headers={"Retry-After": "5"})
+        raise engine.not_ready()
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

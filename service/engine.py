@@ -4,9 +4,12 @@ model work (`flownp.inference.extrapolate` / `log_likelihood`) run off the event
 
 Concurrency: a thread pool of `workers` threads (torch releases the GIL inside its kernels, and uses its
 own intra-op threads within each job) behind an admission counter: at most workers + max_queue jobs are
-admitted, the rest get 503 with Retry-After. Each job has a deadline (queue wait included): the model is
-wrapped so that every velocity evaluation checks it, so a late job stops within one solver step and the
-caller gets 504. Results are reproducible: the request's seed drives a torch.Generator for the noise and
+admitted, and at most max_queued_cost of work (service.admission: a free worker always takes a request,
+retry tickets keep a refused client's place for a few seconds); one request costs at most
+max_request_cost (422 too_costly). Each job has a deadline (queue wait included) and can be cancelled
+(a `Job`: the model is wrapped so that every velocity evaluation checks it), so a late job, or the job
+of a client that disconnected, stops within one solver step; the caller gets 504 (499 when it went).
+Results are reproducible: the request's seed drives a torch.Generator for the noise and
 the Hutchinson probes.
 
 Why a pool and not a batching queue (bench/load_service.py, 2 shared CPU cores, 1000 context / 245 targets,
@@ -24,13 +27,11 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import numpy as np
 import torch
@@ -41,11 +42,12 @@ from flownp.inference import (LoadedModel, Task, build_model, default_model, ext
                               resolve_estimator as _resolve_estimator)
 from flownp.inference import task as make_task
 from ingest.space import DomainError
+from service.admission import Admission, Overloaded
 from service.errors import ApiError, clip
 from service.metrics import Metrics
 from service.settings import Settings
 
-__all__ = ["DeadlineExceeded", "Engine", "LoadError", "LoadedModel", "Served", "Task", "check_context_size",
+__all__ = ["Cancelled", "DeadlineExceeded", "Engine", "Job", "LoadError", "LoadedModel", "Served", "Task", "check_context_size",
            "load_models", "open_registry", "registry_state", "resolve_estimator", "run_extrapolate",
            "run_log_likelihood", "watch_registry"]
 
@@ -53,7 +55,11 @@ log = logging.getLogger("flownp.service")
 
 
 class DeadlineExceeded(Exception):
-    pass
+    """A job ran past its deadline (the caller gets 504)."""
+
+
+class Cancelled(Exception):
+    """A job was cancelled: its client disconnected, or its caller stopped waiting (`Job.cancel`)."""
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -156,16 +162,27 @@ def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any,
     return out, marker
 
 
-# ---- the work (flownp.inference, with the deadline checked at every velocity evaluation) ------------
-class Deadline:
-    """A check for flownp.inference (called at every velocity evaluation): DeadlineExceeded past `at`
-    (time.monotonic seconds), so a late job stops within one solver step."""
+# ---- the work (flownp.inference, with the job checked at every velocity evaluation) ----------------
+class Job:
+    """One job's deadline and cancellation, as the `check` flownp.inference calls at every velocity
+    evaluation (so a job stops within one solver step): DeadlineExceeded past `deadline`
+    (time.monotonic seconds), Cancelled once `cancel()` was called (from any thread)."""
 
-    def __init__(self, at: float) -> None:
-        self.at = at
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
     def __call__(self) -> None:
-        if time.monotonic() > self.at:
+        if self._cancelled.is_set():
+            raise Cancelled
+        if time.monotonic() > self.deadline:
             raise DeadlineExceeded
 
 
@@ -180,17 +197,16 @@ def resolve_estimator(lm: LoadedModel, estimator: str, n_tgt: int, settings: Set
 
 def run_extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: SolverConfig, seed: int,
                     with_ll: bool, ll_solver: SolverConfig, estimator: str, n_probes: int,
-                    deadline: float) -> dict[str, Any]:
-    """`flownp.inference.extrapolate` before `deadline`. Runs in a worker thread."""
+                    check: Callable[[], None]) -> dict[str, Any]:
+    """`flownp.inference.extrapolate`, stopped by `check` (a `Job`). Runs in a worker thread."""
     return extrapolate(lm, task, num_samples=num_samples, solver=solver, seed=seed, with_ll=with_ll,
-                       ll_solver=ll_solver, estimator=estimator, n_probes=n_probes, check=Deadline(deadline))
+                       ll_solver=ll_solver, estimator=estimator, n_probes=n_probes, check=check)
 
 
 def run_log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, estimator: str, n_probes: int,
-                       seed: int, deadline: float) -> dict[str, Any]:
-    """`flownp.inference.log_likelihood` before `deadline`. Runs in a worker thread."""
-    return log_likelihood(lm, task, solver=solver, estimator=estimator, n_probes=n_probes, seed=seed,
-                          check=Deadline(deadline))
+                       seed: int, check: Callable[[], None]) -> dict[str, Any]:
+    """`flownp.inference.log_likelihood`, stopped by `check` (a `Job`). Runs in a worker thread."""
+    return log_likelihood(lm, task, solver=solver, estimator=estimator, n_probes=n_probes, seed=seed, check=check)
 
 
 # ---- the engine ------------------------------------------------------------------------------------
@@ -223,10 +239,9 @@ class Engine:
         self.served: Served = _NOTHING
         self.ready = False
         self.load_error: str | None = None
-        self._jobs = 0
-        # retry tickets of refused requests, oldest first (ticket -> expiry): a freed slot goes to the oldest
-        # ticket holder, not to whichever request arrives first, so retried clients are served in order
-        self._tickets: OrderedDict[str, float] = OrderedDict()
+        # jobs and cost in flight, and the retry tickets of refused requests (service.admission)
+        self.admission = Admission(settings.workers, settings.max_queue, settings.max_queued_cost,
+                                   settings.retry_after_s + settings.ticket_grace_s)
         self._reload_lock = threading.Lock()  # one (re)load at a time: the admin route and the registry watch
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="flownp-engine")
 
@@ -265,6 +280,15 @@ class Engine:
             self.load_error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
             log.error("model loading failed: %s", self.load_error)
 
+    def not_ready(self) -> ApiError:
+        """The 503 of a request that came before the models are served: load_failed (for good, until a
+        reload succeeds) or not_ready (still loading)."""
+        if self.load_error is not None and not self.ready:
+            return ApiError(503, "load_failed", f"the configured model failed to load: {self.load_error}; fix the "
+                            "configuration, then POST /v1/admin/reload or restart", headers={"Retry-After": "30"})
+        return ApiError(503, "not_ready", "the model is loading or warming up; retry shortly",
+                        headers={"Retry-After": "5"})
+
     def reload(self) -> dict[str, Any]:
         """Re-read the configured sources (e.g. a registry after a promotion) and swap the served models in
         one assignment; requests already running keep the models they started with. On any failure the
@@ -296,73 +320,97 @@ class Engine:
         task = make_task(lm.space, r.circle_lat[:64], r.circle_lon[:64], vals, r.circle_lat[-16:], r.circle_lon[-16:])
         run_extrapolate(lm, task, num_samples=2, solver=SolverConfig("euler", 2), seed=0, with_ll=True,
                         ll_solver=SolverConfig("midpoint", 1), estimator="hutchinson", n_probes=1,
-                        deadline=time.monotonic() + 600)
+                        check=Job(time.monotonic() + 600))
 
     def get(self, version: str | None) -> LoadedModel:
         return self.served.get(version)
 
     # running
-    TICKET_TTL_S = 15.0  # a refused client that does not come back within this loses its place
-
-    def admit(self, ticket: str | None) -> None:
-        """Admission (event-loop thread only): at most workers + max_queue jobs, and the capacity that frees
-        up goes to holders of retry tickets in the order the tickets were issued. A refused request gets
-        503 with Retry-After and `X-Retry-Ticket` (its old ticket, keeping its place, or a new one); sending
-        that header back on the retry claims the place."""
-        s, now = self.settings, time.monotonic()
-        for t, expiry in list(self._tickets.items()):
-            if expiry < now:
-                del self._tickets[t]
-        ahead = list(self._tickets).index(ticket) if ticket in self._tickets else len(self._tickets)
-        if self._jobs + ahead < s.workers + s.max_queue:
-            self._tickets.pop(ticket, None)
-            return
-        if ticket not in self._tickets:
-            ticket = uuid.uuid4().hex
-        self._tickets[ticket] = now + self.TICKET_TTL_S
-        self.metrics.rejected.labels("overloaded").inc()
-        raise ApiError(503, "overloaded", f"all {s.workers} worker(s) busy and {s.max_queue} request(s) "
-                       "queued; retry after Retry-After seconds with the X-Retry-Ticket header to keep your place",
-                       headers={"Retry-After": "1", "X-Retry-Ticket": ticket})
-
-    async def submit(self, op: str, fn: Callable[[float], Any], timeout_s: float | None,
-                     ticket: str | None = None) -> tuple[Any, dict[str, float]]:
-        """Run fn(deadline) in a worker. Returns (result, timing {queue_s, engine_s}). 503 when full (see
-        `admit`) or not ready, 504 past the deadline."""
-        if not self.ready:
-            raise ApiError(503, "not_ready", "the model is loading or warming up; retry shortly",
-                           headers={"Retry-After": "5"})
+    def admit(self, ticket: str | None, cost: int = 0) -> None:
+        """Admission (event-loop thread only, service.admission): 422 too_costly past max_request_cost; 503
+        overloaded with Retry-After and, while places are left, `X-Retry-Ticket` (its old ticket, keeping
+        its place, or a new one); sending that header back on the retry claims the place."""
         s = self.settings
-        self.admit(ticket)
+        if cost > s.max_request_cost:
+            self.metrics.rejected.labels("too_costly").inc()
+            raise ApiError(422, "too_costly", f"this request would cost about {cost:,} units of work (targets x "
+                           f"samples x solver evaluations, more with log_likelihood); at most {s.max_request_cost:,}"
+                           ": ask for fewer targets, samples or steps, or leave log_likelihood out of include")
+        try:
+            self.admission.admit(ticket, cost)
+        except Overloaded as exc:
+            self.metrics.rejected.labels("overloaded").inc()
+            headers = {"Retry-After": str(s.retry_after_s)}
+            if exc.ticket is None:
+                why = "and no place left in line; retry after Retry-After seconds"
+            else:
+                headers["X-Retry-Ticket"] = exc.ticket
+                why = "; retry after Retry-After seconds with the X-Retry-Ticket header to keep your place"
+            raise ApiError(503, "overloaded", f"all {s.workers} worker(s) busy and the queue ({s.max_queue} "
+                           f"request(s), {s.max_queued_cost:,} units of work) full{why}", headers=headers) from None
+        finally:
+            self.metrics.tickets.set(self.admission.tickets)
+
+    async def submit(self, op: str, fn: Callable[[Job], Any], timeout_s: float | None, ticket: str | None = None,
+                     cost: int = 0, gone: Callable[[], Awaitable[Any]] | None = None) -> tuple[Any, dict[str, float]]:
+        """Run fn(job) in a worker (`job` is the check to pass to flownp.inference). Returns (result,
+        timing {queue_s, engine_s}). 503 when full (see `admit`) or not ready, 504 past the deadline, 499 when
+        `gone()` (an awaitable that finishes when the client disconnects) finishes first; either way the job
+        is cancelled and its worker stops at its next check."""
+        if not self.ready:
+            raise self.not_ready()
+        s = self.settings
+        self.admit(ticket, cost)
         timeout = min(timeout_s or s.request_timeout_s, s.request_timeout_s)
-        deadline = time.monotonic() + timeout
+        job = Job(time.monotonic() + timeout)
         t_submit = time.perf_counter()
 
         def call() -> tuple[Any, dict[str, float]]:
             t0 = time.perf_counter()
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded
-            r = fn(deadline)
+            job()  # cancelled or late while queued: do not start
+            r = fn(job)
             t1 = time.perf_counter()
             self.metrics.engine_seconds.labels(op).observe(t1 - t0)
             return r, {"queue_s": t0 - t_submit, "engine_s": t1 - t0}
 
         loop = asyncio.get_running_loop()
-        self._jobs += 1
         self.metrics.engine_jobs.inc()
+        self.metrics.engine_cost.inc(cost)
         fut = loop.run_in_executor(self._pool, call)
 
-        def done(_: Any) -> None:
-            self._jobs -= 1
+        def done(f: "asyncio.Future[Any]") -> None:
+            self.admission.release(cost)
             self.metrics.engine_jobs.dec()
+            self.metrics.engine_cost.dec(cost)
+            if not f.cancelled():
+                f.exception()  # retrieved: a job that fails after its caller stopped waiting is not "never retrieved"
 
         fut.add_done_callback(done)
+        watch = asyncio.ensure_future(gone()) if gone is not None else None
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout + 0.5)
-        except (DeadlineExceeded, asyncio.TimeoutError):
+            finished, _ = await asyncio.wait([fut] + ([watch] if watch else []), timeout=timeout + 0.5,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if fut in finished:
+                return fut.result()
+            job.cancel()
+            if watch is not None and watch in finished:
+                self.metrics.rejected.labels("client_disconnected").inc()
+                log.info("%s: the client disconnected; its job was cancelled", op)
+                raise ApiError(499, "client_disconnected", "the client closed the connection")
+            raise DeadlineExceeded
+        except DeadlineExceeded:
+            job.cancel()
             self.metrics.rejected.labels("deadline").inc()
             raise ApiError(504, "deadline_exceeded", f"the request took longer than its deadline of {timeout:g} s; "
                            "ask for fewer points, samples or steps, or a longer timeout_s") from None
+        except BaseException:  # the request task itself was cancelled (server shutdown): stop the work too
+            job.cancel()
+            raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+                if watch.done() and not watch.cancelled():
+                    watch.exception()  # a watch that failed (the connection broke) counts as gone; retrieved
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

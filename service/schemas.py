@@ -24,6 +24,7 @@ from service.settings import Settings
 Solver = Literal["euler", "midpoint", "rk4"]
 Estimator = Literal["auto", "exact", "hutchinson"]
 Part = Literal["samples", "mean", "std", "quantiles", "log_likelihood"]
+ALL_PARTS: tuple[str, ...] = ("samples", "mean", "std", "quantiles", "log_likelihood")
 
 
 class Strict(BaseModel):
@@ -198,7 +199,9 @@ class ExtrapolateRequest(Strict):
     steps: int = Field(8, ge=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Noise seed; none: drawn and echoed back.")
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
-    include: list[Part] = Field(default_factory=lambda: ["samples", "mean", "std", "quantiles", "log_likelihood"])
+    include: list[Part] = Field(default_factory=lambda: list(ALL_PARTS), description=(
+        "Parts of the answer. Default: all of them, except log_likelihood when targets is 'circle' (scoring "
+        "every sample over the whole circle costs several times the sampling; ask for it by listing it)."))
     log_likelihood: LikelihoodOptions = Field(default_factory=LikelihoodOptions)
     format: Literal["json", "netcdf"] | None = Field(None, description="Else chosen by the Accept header.")
     timeout_s: float | None = Field(None, gt=0, description="Deadline for this request (capped by the server).")
@@ -215,6 +218,8 @@ class ExtrapolateRequest(Strict):
     @model_validator(mode="after")
     def _limits(self, info: ValidationInfo) -> "ExtrapolateRequest":
         s = _settings(info)
+        if "include" not in self.model_fields_set and isinstance(self.targets, str):
+            self.include = [p for p in ALL_PARTS if p != "log_likelihood"]  # the cheap default for 'circle'
         if self.num_samples > s.max_samples:
             raise _err("too_many", "num_samples = {n}; at most {m} allowed", n=self.num_samples, m=s.max_samples)
         n_tgt = None if isinstance(self.targets, str) else self.targets.n

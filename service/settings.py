@@ -13,6 +13,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,8 +71,18 @@ class Settings(BaseSettings):
     request_timeout_s: float = 60.0  # deadline per request (queue + work), 504 past it
     workers: int = 1                 # model threads (torch uses its own intra-op threads inside each)
     max_queue: int = 8               # requests waiting for a worker; beyond: 503 with Retry-After
+    # cost of a job (service.admission.request_cost: targets x samples x solver evaluations, the context
+    # weight, the log-likelihood's probes, the GP base); one unit ~ 10 us of one core of the dev machine
+    max_request_cost: int = 2_000_000  # one request (~20 s of one core); beyond: 422 too_costly
+    max_queued_cost: int = 6_000_000   # admitted work (running + queued); beyond: 503 unless a worker is free
+    retry_after_s: int = 1           # Retry-After of an overload refusal
+    ticket_grace_s: float = 2.0      # a retry ticket keeps its place Retry-After + this long after a refusal
     torch_threads: int | None = None
     warmup: bool = True
+
+    # ---- logs ----------------------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field("text", description="flownp-serve's log lines: text, or one "
+                                                "JSON object a line (--log-format overrides).")
 
     @field_validator("registry_poll_s")
     @classmethod

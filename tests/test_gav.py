@@ -306,15 +306,15 @@ def test_the_service_deadline_reaches_a_gav_models_base_field_in_the_likelihood(
     residual's is exact): the service's deadline wrapper must watch that path too."""
     from flownp.core.likelihood import log_likelihood
     from flownp.inference import _Watched
-    from service.engine import Deadline, DeadlineExceeded
+    from service.engine import DeadlineExceeded, Job
 
     torch.manual_seed(0)
     model = GAVFlowNP(FlowNP(TINY), GAVConfig(kind="schur")).eval()
     xc, yc, xt, yt = torch.rand(1, 6, 2), torch.randn(1, 6, 4), torch.rand(1, 3, 2), torch.randn(1, 3, 4)
     solver = SolverConfig("euler", 4)
-    fine = log_likelihood(_Watched(model, Deadline(time.monotonic() + 60)), xc, yc, xt, yt, solver=solver)
+    fine = log_likelihood(_Watched(model, Job(time.monotonic() + 60)), xc, yc, xt, yt, solver=solver)
     assert torch.isfinite(fine.joint).all()
-    deadline = Deadline(time.monotonic() + 60)
+    deadline = Job(time.monotonic() + 60)
     late = _Watched(model, deadline)
     calls = {"n": 0}
     base_velocity = model.base.velocity
@@ -322,7 +322,7 @@ def test_the_service_deadline_reaches_a_gav_models_base_field_in_the_likelihood(
     def slow_base(*a, **kw):  # the deadline passes after the first base evaluation of the solve
         calls["n"] += 1
         if calls["n"] == 2:
-            deadline.at = time.monotonic() - 1
+            deadline.deadline = time.monotonic() - 1
         return base_velocity(*a, **kw)
 
     model.base.velocity = slow_base

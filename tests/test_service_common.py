@@ -71,3 +71,13 @@ def running(settings: Any = None) -> Iterator[Any]:
     with TestClient(create_app(settings or Settings()), raise_server_exceptions=False) as c:
         wait_ready(c)
         yield c
+
+
+def wait_for(pred: Any, timeout: float = 30.0) -> bool:
+    """Whether pred() turned true within timeout seconds (polled)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False

@@ -3,11 +3,13 @@ xarray Datasets; verified model loading (sha256 against the manifest, configured
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,12 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_LOG: list[str] = []  # the server's output lines (it logs JSON lines at INFO)
+
+
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWNP_")}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--port", str(port), "--log-format", "json"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    threading.Thread(target=lambda: SERVER_LOG.extend(proc.stdout), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
@@ -47,7 +53,8 @@ def server():
             except httpx.TransportError:
                 pass
             if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read().decode()[-2000:])
+                time.sleep(0.5)
+                raise RuntimeError("".join(SERVER_LOG)[-2000:])
             time.sleep(0.2)
         else:
             raise TimeoutError("server not ready in 90 s")
@@ -83,6 +90,22 @@ def _copy_default(tmp_path: Path) -> Path:
     dst = tmp_path / "model.pt"
     shutil.copyfile(ckpt, dst)
     return dst
+
+
+def test_flownp_serve_logs_the_service_lines_as_json(server):
+    """The service's own INFO lines (models ready) reach the log, one JSON object a line (D7)."""
+    def ready_lines() -> list[dict]:
+        lines = [json.loads(x) for x in list(SERVER_LOG) if x.startswith("{")]
+        return [x for x in lines if x["logger"].startswith("flownp") and x["message"].startswith("models ready")]
+
+    for _ in range(100):  # /readyz turns 200 just before the line is written
+        if ready_lines():
+            break
+        time.sleep(0.05)
+    lines = [json.loads(x) for x in list(SERVER_LOG) if x.startswith("{")]
+    ready = ready_lines()
+    assert ready and ready[0]["level"] == "INFO", SERVER_LOG[-20:]
+    assert any(x["logger"].startswith("uvicorn") for x in lines)  # uvicorn's lines are JSON too
 
 
 def test_embedded_default_is_verified_against_its_manifest(tmp_path, monkeypatch):

@@ -19,18 +19,9 @@ from ingest.io import atomic_path
 from flownp import default_model
 from service.app import create_app
 from service.settings import Settings
-from tests.test_service_common import running, small_request
+from tests.test_service_common import running, small_request, wait_for
 
 DEFAULT_PT = default_model.default_paths()[0]
-
-
-def wait_for(pred, timeout: float = 30.0) -> bool:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def watching(settings: Settings, poll_s: float) -> Settings:

@@ -1,7 +1,8 @@
 """Inference: POST /v1/extrapolate and POST /v1/log-likelihood. Requests are validated (service.schemas),
 checked against the served model's ModelSpace (ingest.space: region, circle targets, conversion; its
 DomainError answers 422 with its code), and run by the engine (flownp.inference under admission and a
-deadline). Log-likelihoods come back over ERA5 units, labelled (`units`)."""
+deadline, admitted by cost: service.admission.request_cost; cancelled when the client disconnects).
+Log-likelihoods come back over ERA5 units, labelled (`units`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fastapi.responses import Response
 
 from flownp.core.solvers import SolverConfig
 from flownp.inference import LL_KIND, LL_UNITS, task as make_task
+from service.admission import request_cost
 from service.deps import PROTECTED, EngineDep, MetricsDep, SettingsDep, json_response, require_ready
 from service.engine import check_context_size, resolve_estimator, run_extrapolate, run_log_likelihood
 from service.errors import ApiError
@@ -28,6 +30,13 @@ router = APIRouter(tags=["inference"], dependencies=PROTECTED)
 def body_doc(model: type) -> dict[str, Any]:
     schema = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _gone(request: Request) -> None:
+    """Finishes when the client has disconnected (the body is already read, so the next ASGI message is
+    http.disconnect): lets the engine cancel the work of a client that went away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _timing(timing: dict[str, float], t0: float) -> dict[str, float]:
@@ -65,10 +74,13 @@ async def extrapolate(request: Request, engine: EngineDep, settings: SettingsDep
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tlat, tlon)
     solver, ll_solver = SolverConfig(req.solver, req.steps), SolverConfig(opts.solver, opts.steps)
-    out, timing = await engine.submit("extrapolate", lambda deadline: run_extrapolate(
+    cost = request_cost(n_ctx=ctx.n, n_tgt=len(tlat), num_samples=req.num_samples, solver=req.solver, steps=req.steps,
+                        ll_solver=opts.solver if with_ll else None, ll_steps=opts.steps, estimator=estimator,
+                        n_probes=opts.n_probes, gp_base=bool(getattr(lm.model, "has_task_transform", False)))
+    out, timing = await engine.submit("extrapolate", lambda job: run_extrapolate(
         lm, task, num_samples=req.num_samples, solver=solver, seed=seed, with_ll=with_ll, ll_solver=ll_solver,
-        estimator=estimator, n_probes=opts.n_probes, deadline=deadline), req.timeout_s,
-        request.headers.get("x-retry-ticket"))
+        estimator=estimator, n_probes=opts.n_probes, check=job), req.timeout_s,
+        request.headers.get("x-retry-ticket"), cost, lambda: _gone(request))
     metrics.nfe.labels(lm.version, "sample").inc(out["nfe"])
     if "ll" in out:
         metrics.nfe.labels(lm.version, "log_likelihood").inc(out["ll"]["nfe"])
@@ -109,9 +121,12 @@ async def log_likelihood(request: Request, engine: EngineDep, settings: Settings
     estimator = resolve_estimator(lm, req.estimator, tg.n, settings)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tg.latitude, tg.longitude, tg.array())
     solver = SolverConfig(req.solver, req.steps)
-    res, timing = await engine.submit("log_likelihood", lambda deadline: run_log_likelihood(
-        lm, task, solver=solver, estimator=estimator, n_probes=req.n_probes, seed=req.seed,
-        deadline=deadline), req.timeout_s, request.headers.get("x-retry-ticket"))
+    cost = request_cost(n_ctx=ctx.n, n_tgt=tg.n, num_samples=1, solver=req.solver, steps=0, ll_solver=req.solver,
+                        ll_steps=req.steps, estimator=estimator, n_probes=req.n_probes,
+                        gp_base=bool(getattr(lm.model, "has_task_transform", False)))
+    res, timing = await engine.submit("log_likelihood", lambda job: run_log_likelihood(
+        lm, task, solver=solver, estimator=estimator, n_probes=req.n_probes, seed=req.seed, check=job),
+        req.timeout_s, request.headers.get("x-retry-ticket"), cost, lambda: _gone(request))
     metrics.nfe.labels(lm.version, "log_likelihood").inc(res["nfe"])
     metrics.points.labels(lm.version, "log_likelihood").inc(res["n_targets"])
     n = res["n_targets"]

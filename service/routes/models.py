@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -12,6 +13,7 @@ from service.engine import LoadError
 from service.errors import ApiError
 
 router = APIRouter(dependencies=PROTECTED)
+log = logging.getLogger("flownp.service")
 
 
 @router.get("/v1/models", tags=["models"])
@@ -27,8 +29,10 @@ async def reload(engine: EngineDep) -> Response:
     try:
         out = await asyncio.to_thread(engine.reload)
     except LoadError as exc:
-        raise ApiError(409, "reload_failed", f"the new models could not be loaded; still serving "
-                       f"{engine.default}: {exc}") from None
+        serving = (f"still serving {engine.default}" if engine.ready else
+                   "nothing is served (the configured model failed to load)")
+        log.error("reload (POST /v1/admin/reload) failed, %s: %s", serving, exc)
+        raise ApiError(409, "reload_failed", f"the new models could not be loaded; {serving}: {exc}") from None
     return json_response(out)
 
 
