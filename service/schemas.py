@@ -146,19 +146,23 @@ def _values_schema() -> dict[str, Any]:
     return {"properties": props, "required": list(NAMES), "additionalProperties": False}
 
 
+_SOLVER_DOC = ("Fixed-step ODE solver. Neither solver nor steps given: the model's measured default "
+               "(GET /v1/models/{{version}}: `solvers`, the cheapest within stated tolerances of dopri5, "
+               "docs/results.md §5.2), else {what}; one of them given: the other from {what}.")
+
+
 class LikelihoodOptions(Strict):
     """How a log-likelihood is integrated: reverse ODE from data (t=1) to noise (t=0)."""
 
-    # defaults from the solver study on the default model (docs/results.md §5: fixed steps vs dopri5)
-    solver: Solver = "midpoint"
-    steps: int = Field(2, ge=1)
+    solver: Solver | None = Field(None, description=_SOLVER_DOC.format(what="midpoint, 2 steps"))
+    steps: int | None = Field(None, ge=1, description="Solver steps (see solver).")
     estimator: Estimator = Field("auto", description="auto: exact trace where cheap (independent-target "
                                  "models), else Hutchinson; exact: always exact (small target sets); "
                                  "hutchinson: n_probes Rademacher probes.")
     n_probes: int = Field(1, ge=1)
 
 
-def _check_common(settings: Settings, n_ctx: int, n_tgt: int | None, steps: list[tuple[str, int]],
+def _check_common(settings: Settings, n_ctx: int, n_tgt: int | None, steps: list[tuple[str, int | None]],
                   n_probes: int) -> None:
     if n_ctx < settings.min_context:
         raise _err("too_few", "context has {n} point(s); at least {m} needed", n=n_ctx, m=settings.min_context)
@@ -167,7 +171,7 @@ def _check_common(settings: Settings, n_ctx: int, n_tgt: int | None, steps: list
     if n_tgt is not None and n_tgt > settings.max_targets:
         raise _err("too_many", "{n} target points; at most {m} allowed", n=n_tgt, m=settings.max_targets)
     for what, s in steps:
-        if s > settings.max_steps:
+        if s is not None and s > settings.max_steps:
             raise _err("too_many", "{what} = {s}; at most {m} allowed", what=what, s=s, m=settings.max_steps)
     if n_probes > settings.max_probes:
         raise _err("too_many", "n_probes = {n}; at most {m} allowed", n=n_probes, m=settings.max_probes)
@@ -195,8 +199,8 @@ class ExtrapolateRequest(Strict):
     targets: Targets = Field(
         "circle", description="Points, or 'circle': every point of the region's circle not in the context.")
     num_samples: int = Field(8, ge=1)
-    solver: Solver = "euler"
-    steps: int = Field(8, ge=1)
+    solver: Solver | None = Field(None, description=_SOLVER_DOC.format(what="euler, 8 steps"))
+    steps: int | None = Field(None, ge=1, description="Solver steps (see solver).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Noise seed; none: drawn and echoed back.")
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
     include: list[Part] = Field(default_factory=lambda: list(ALL_PARTS), description=(
@@ -237,8 +241,8 @@ class LogLikelihoodRequest(Strict):
     model: ModelName = None
     context: Observations
     targets: Observations
-    solver: Solver = "midpoint"
-    steps: int = Field(8, ge=1)
+    solver: Solver | None = Field(None, description=_SOLVER_DOC.format(what="midpoint, 8 steps"))
+    steps: int | None = Field(None, ge=1, description="Solver steps (see solver).")
     estimator: Estimator = "auto"
     n_probes: int = Field(1, ge=1)
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the Hutchinson probes.")

@@ -44,6 +44,26 @@ def test_extrapolate_json_echoes_coordinates_and_labels_everything(client):
     assert j["timing"]["engine_ms"] > 0
 
 
+def test_a_request_naming_no_solver_runs_the_models_measured_one(client):
+    """The default model records Euler 1 for sampling and likelihoods (its manifest's `solvers`, measured
+    against dopri5); a request that names no solver runs it, one that names either part runs what it names."""
+    man = client.get("/v1/models/synthetic-default").json()
+    assert man["solvers"]["sample"] == "euler:1" and man["solvers"]["log_likelihood"] == "euler:1"
+    body = small_request()
+    body.pop("steps")
+    body.pop("log_likelihood")
+    j = client.post("/v1/extrapolate", json={**body, "include": ["mean", "log_likelihood"]}).json()
+    assert (j["sampler"]["solver"], j["sampler"]["steps"], j["sampler"]["nfe"]) == ("euler", 1, 1)
+    assert (j["log_likelihood"]["solver"], j["log_likelihood"]["steps"]) == ("euler", 1)
+    j = client.post("/v1/extrapolate", json={**body, "solver": "midpoint", "include": ["mean"]}).json()
+    assert (j["sampler"]["solver"], j["sampler"]["steps"]) == ("midpoint", 8)  # the rest from the global default
+    ll = small_ll_request()
+    ll.pop("steps")
+    r = client.post("/v1/log-likelihood", json=ll).json()
+    assert (r["solver"], r["steps"]) == ("euler", 1)
+    assert client.post("/v1/log-likelihood", json={**ll, "steps": 3}).json()["solver"] == "midpoint"
+
+
 def test_same_seed_same_answer_and_seed_drawn_when_absent(client):
     body = small_request()
     a, b = client.post("/v1/extrapolate", json=body).json(), client.post("/v1/extrapolate", json=body).json()

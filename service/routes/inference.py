@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from flownp.core.solvers import SolverConfig
-from flownp.inference import LL_KIND, LL_UNITS, task as make_task
+from flownp.inference import LL_KIND, LL_UNITS, LoadedModel, task as make_task
 from service.admission import request_cost
 from service.deps import PROTECTED, EngineDep, MetricsDep, SettingsDep, json_response, require_ready
 from service.engine import check_context_size, resolve_estimator, run_extrapolate, run_log_likelihood
@@ -25,6 +25,11 @@ from service.responses import extrapolation_body, extrapolation_netcdf
 from service.schemas import ExtrapolateRequest, LogLikelihoodRequest, Points
 
 router = APIRouter(tags=["inference"], dependencies=PROTECTED)
+
+# global solver defaults, for a model that records none (docs/results.md §5.2)
+SAMPLE_SOLVER = SolverConfig("euler", 8)
+SAMPLE_LL_SOLVER = SolverConfig("midpoint", 2)
+SCORE_SOLVER = SolverConfig("midpoint", 8)
 
 
 def body_doc(model: type) -> dict[str, Any]:
@@ -37,6 +42,16 @@ async def _gone(request: Request) -> None:
     http.disconnect): lets the engine cancel the work of a client that went away."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def solver_for(lm: LoadedModel, kind: str, method: str | None, steps: int | None,
+               fallback: SolverConfig) -> SolverConfig:
+    """The solver a request runs: neither method nor steps given -> the model's measured default for `kind`
+    ('sample' | 'log_likelihood', `LoadedModel.solver`), else `fallback`; one given -> the other from
+    `fallback`."""
+    if method is None and steps is None:
+        return lm.solver(kind, fallback)
+    return SolverConfig(method or fallback.method, steps or fallback.steps)
 
 
 def _timing(timing: dict[str, float], t0: float) -> dict[str, float]:
@@ -73,9 +88,11 @@ async def extrapolate(request: Request, engine: EngineDep, settings: SettingsDep
     estimator = resolve_estimator(lm, opts.estimator, len(tlat), settings) if with_ll else "none"
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tlat, tlon)
-    solver, ll_solver = SolverConfig(req.solver, req.steps), SolverConfig(opts.solver, opts.steps)
-    cost = request_cost(n_ctx=ctx.n, n_tgt=len(tlat), num_samples=req.num_samples, solver=req.solver, steps=req.steps,
-                        ll_solver=opts.solver if with_ll else None, ll_steps=opts.steps, estimator=estimator,
+    solver = solver_for(lm, "sample", req.solver, req.steps, SAMPLE_SOLVER)
+    ll_solver = solver_for(lm, "log_likelihood", opts.solver, opts.steps, SAMPLE_LL_SOLVER)
+    cost = request_cost(n_ctx=ctx.n, n_tgt=len(tlat), num_samples=req.num_samples, solver=solver.method,
+                        steps=solver.steps, ll_solver=ll_solver.method if with_ll else None,
+                        ll_steps=ll_solver.steps, estimator=estimator,
                         n_probes=opts.n_probes, gp_base=bool(getattr(lm.model, "has_task_transform", False)))
     out, timing = await engine.submit("extrapolate", lambda job: run_extrapolate(
         lm, task, num_samples=req.num_samples, solver=solver, seed=seed, with_ll=with_ll, ll_solver=ll_solver,
@@ -89,8 +106,8 @@ async def extrapolate(request: Request, engine: EngineDep, settings: SettingsDep
     meta = {
         "model": {"version": lm.version, "synthetic": lm.info["synthetic"]},
         "context": {"n": ctx.n, "time": ctx.time.isoformat() if ctx.time else None},
-        "sampler": {"solver": req.solver, "steps": req.steps, "seed": seed, "nfe": out["nfe"]},
-        "log_likelihood": {"solver": opts.solver, "steps": opts.steps},
+        "sampler": {"solver": solver.method, "steps": solver.steps, "seed": seed, "nfe": out["nfe"]},
+        "log_likelihood": {"solver": ll_solver.method, "steps": ll_solver.steps},
         "timing": _timing(timing, t0),
     }
     q = req.quantiles if "quantiles" in req.include else []
@@ -120,9 +137,9 @@ async def log_likelihood(request: Request, engine: EngineDep, settings: Settings
     space.check_points(tg.latitude, tg.longitude, "targets")
     estimator = resolve_estimator(lm, req.estimator, tg.n, settings)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tg.latitude, tg.longitude, tg.array())
-    solver = SolverConfig(req.solver, req.steps)
-    cost = request_cost(n_ctx=ctx.n, n_tgt=tg.n, num_samples=1, solver=req.solver, steps=0, ll_solver=req.solver,
-                        ll_steps=req.steps, estimator=estimator, n_probes=req.n_probes,
+    solver = solver_for(lm, "log_likelihood", req.solver, req.steps, SCORE_SOLVER)
+    cost = request_cost(n_ctx=ctx.n, n_tgt=tg.n, num_samples=1, solver=solver.method, steps=0,
+                        ll_solver=solver.method, ll_steps=solver.steps, estimator=estimator, n_probes=req.n_probes,
                         gp_base=bool(getattr(lm.model, "has_task_transform", False)))
     res, timing = await engine.submit("log_likelihood", lambda job: run_log_likelihood(
         lm, task, solver=solver, estimator=estimator, n_probes=req.n_probes, seed=req.seed, check=job),
@@ -138,6 +155,6 @@ async def log_likelihood(request: Request, engine: EngineDep, settings: Settings
         "joint_normalised": res["joint_normalised"], "per_point_normalised": res["joint_normalised"] / n,
         "estimator": res["estimator"], "n_probes": res["n_probes"], "spread": res["spread"],
         "probe_seed": req.seed if res["estimator"].startswith("hutchinson") else None,
-        "solver": req.solver, "steps": req.steps, "nfe": res["nfe"],
+        "solver": solver.method, "steps": solver.steps, "nfe": res["nfe"],
         "timing": _timing(timing, t0),
     })
