@@ -6,6 +6,8 @@
 #   gp     + the per-task GP base and the residual velocity (zero head = that GP)
 #   broad  + the broad synthetic prior instead of the GP law (the default model's recipe)
 #   joint  as broad, joint targets instead of independent ones
+#   gp0    the gp row untrained (one step at learning rate 0: the zero-initialised head keeps the flow at zero,
+#          so the model is exactly its GP base; scored with Euler 1, which is exact for a zero flow)
 # Each model is evaluated on the GP law's frozen dense / sparse sets (with the exact oracle) and on the real
 # ERA5 map's first frozen splits (bench/real_era5.py), with the same solvers for every row.
 #
@@ -67,11 +69,19 @@ baselines() {  # IDW and the fitted GP on the same real splits (the synthetic on
     --splits 8 --samples 8 --quiet --json results/baselines-real-sparse.json > /dev/null
 }
 
+untrained_gp() {  # the GP base alone, through the same code path, scored with exact one-step solvers
+  done_at run-gp0 1 || flownp pretrain --data store-gp --out run-gp0 $NET --targets independent $GPB --steps 1 \
+    --lr 0 --warmup 0 --batch-size 1 --n-tgt 16 --ckpt-every 1 --quiet > train-gp0.out 2>&1
+  EVAL="${EVAL/midpoint:20/euler:1}"; EVAL="${EVAL/euler:16/euler:1}"
+  REAL="${REAL/midpoint:20/euler:1}"; REAL="${REAL/euler:16/euler:1}"
+  evaluate gp0
+}
+
 queue_a() {
   train ref store-gp --targets independent
   train std store-gp --targets independent --standardise context
   train joint store-broad --targets joint $GPB
-  evaluate ref; evaluate std; evaluate joint
+  evaluate ref; evaluate std; evaluate joint; untrained_gp
 }
 
 queue_b() {

@@ -17,6 +17,7 @@ from typing import Any
 
 ROWS = (("ref", "reference (N(0, I) base, no standardisation)"),
         ("std", "+ per-task standardisation"),
+        ("gp0", "GP base alone (untrained residual: zero flow)"),
         ("gp", "+ GP base, residual velocity"),
         ("broad", "+ broad prior (independent targets)"),
         ("joint", "broad prior, joint targets"))

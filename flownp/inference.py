@@ -27,7 +27,7 @@ from flownp.core.likelihood import resolve_estimator as resolve_core_estimator
 from flownp.core.model import count_parameters
 from flownp.core.sampling import sample as _sample
 from flownp.core.sampling import task_transform as _task_transform
-from flownp.core.solvers import SolverConfig
+from flownp.core.solvers import FIXED, SolverConfig
 from ingest.normalize import Normalizer
 from ingest.region import Region
 from ingest.space import UNITS, DomainError, ModelSpace
@@ -75,12 +75,20 @@ class LoadedModel:
     def independent(self) -> bool:
         return getattr(self.model.config, "targets", "joint") == "independent"
 
-    def solver(self, kind: str, fallback: SolverConfig) -> SolverConfig:
+    def solver(self, kind: str, fallback: SolverConfig, max_steps: int = 10_000) -> SolverConfig:
         """The model's measured default solver for `kind` ('sample' | 'log_likelihood'): the one its manifest
         records (`flownp.default_model.choose_solvers`: the cheapest within the stated error of dopri5), else
-        `fallback` (the caller's global default)."""
+        `fallback` (the caller's global default), which also replaces a record that is not fixed-step or
+        exceeds `max_steps`."""
         spec = (self.info.get("solvers") or {}).get(kind)
-        return parse_solver(spec) if spec else fallback
+        if not spec:
+            return fallback
+        try:
+            chosen = parse_solver(spec)
+        except ValueError:
+            return fallback
+        # only a fixed-step record is a default (its cost is known before the solve); else the fallback
+        return chosen if chosen.method in FIXED and chosen.steps <= max_steps else fallback
 
     def min_context(self, floor: Any = 1) -> int:
         """Fewest context points a request may send: `floor` (a number, or settings with a `min_context`),

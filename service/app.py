@@ -31,6 +31,7 @@ from service.engine import Engine, watch_registry
 from service.errors import ApiError, from_domain
 from service.http import ApiKeys, Observe
 from service.metrics import Metrics
+from service.server import RequestLimit
 from service.openapi import build_openapi
 from service.routes import ROUTERS
 from service.settings import Settings
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.warning("authentication is OFF: no FLOWNP_API_KEYS or FLOWNP_API_KEYS_FILE is set, so every route "
                     "(admin reload included) is open")
     app.add_middleware(Observe, metrics=metrics)
+    app.add_middleware(RequestLimit, limit=settings.limit_concurrency)  # outermost: refuses before any work
     _add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -159,7 +159,19 @@ def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any,
     if not out:
         lm = default_model()
         out[lm.version] = lm
+    for v, lm in out.items():
+        refuse_unserved_kind(v, lm)
     return out, marker
+
+
+def refuse_unserved_kind(version: str, lm: LoadedModel) -> None:
+    """LoadError for model kinds the service cannot yet bound (issue 16): an LFM or a distilled sampler runs
+    its own blocks, which the per-evaluation deadline and cancellation check and the cost formula do not
+    reach. They are available from the Python API (`flownp.api`) and the jobs."""
+    kind = type(lm.model).__name__
+    if kind in ("LFM", "DistilledSampler"):
+        raise LoadError(f"{version}: a {kind} model is not served yet (its solves escape the service's deadline, "
+                        "cancellation and cost limits); use it from the Python API")
 
 
 # ---- the work (flownp.inference, with the job checked at every velocity evaluation) ----------------

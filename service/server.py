@@ -2,12 +2,16 @@
 protocol with read deadlines (`ReadTimeoutH11`), which uvicorn lacks: a connection whose request headers
 are not complete `header_timeout_s` after the connection opened (or after the previous response), or
 whose body has not all arrived `body_timeout_s` after its headers, is closed. Slow or half-open clients
-then hold a connection for a bounded time, and `limit_concurrency` bounds how many they can hold."""
+then hold a connection for a bounded time. `RequestLimit` bounds the requests in flight at once
+(`limit_concurrency`) and answers the JSON 503 `overloaded` beyond it, except on the probes (`/livez`,
+`/readyz`): uvicorn's own `limit_concurrency` counts idle connections too and would answer the liveness probe
+503, so a client holding that many sockets could get a pod restarted."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import json
+from typing import Any, Awaitable, Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -61,9 +65,40 @@ class ReadTimeoutH11(H11Protocol):
             self.transport.close()
 
 
+PROBES = frozenset({"/livez", "/readyz"})
+Scope = dict[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+class RequestLimit:
+    """ASGI middleware: at most `limit` HTTP requests in flight (None: unbounded); one more gets 503
+    `overloaded` (JSON error schema, Retry-After: 1) without reaching the app. The probes are never refused."""
+
+    def __init__(self, app: ASGIApp, limit: int | None) -> None:
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.limit is None or scope.get("path") in PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            body = json.dumps({"error": {"code": "overloaded", "message": f"more than {self.limit} requests "
+                                         "at once; retry shortly"}}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for `uvicorn.run`/`uvicorn.Config` that enforce the settings' connection limits."""
+    """Keyword arguments for `uvicorn.run`/`uvicorn.Config` that enforce the settings' connection deadlines
+    (the request limit is the app's `RequestLimit`, which spares the probes)."""
     protocol = type("ReadTimeoutH11", (ReadTimeoutH11,), {"header_timeout_s": settings.header_timeout_s,
                                                            "body_timeout_s": settings.body_timeout_s})
-    return {"http": protocol, "limit_concurrency": settings.limit_concurrency,
-            "timeout_keep_alive": settings.keep_alive_s}
+    return {"http": protocol, "timeout_keep_alive": settings.keep_alive_s}

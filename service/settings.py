@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="A request body not all in this long after its "
                                   "headers: the connection is closed.")
     keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this long.")
-    limit_concurrency: int | None = Field(64, ge=1, description="Connections or requests at once; beyond, "
-                                          "uvicorn answers 503 (none: unbounded).")
+    limit_concurrency: int | None = Field(64, ge=1, description="HTTP requests in flight at once; beyond, 503 "
+                                          "overloaded (the /livez and /readyz probes are never refused; none: "
+                                          "unbounded).")
 
     # ---- limits --------------------------------------------------------------------------------
     max_body_bytes: int = 4 * 1024 * 1024

@@ -241,7 +241,8 @@ def test_server_options_come_from_the_settings():
     opts = uvicorn_options(Settings(header_timeout_s=2.5, body_timeout_s=7.0, limit_concurrency=9, keep_alive_s=3))
     assert issubclass(opts["http"], ReadTimeoutH11)
     assert (opts["http"].header_timeout_s, opts["http"].body_timeout_s) == (2.5, 7.0)
-    assert opts["limit_concurrency"] == 9 and opts["timeout_keep_alive"] == 3
+    assert opts["timeout_keep_alive"] == 3
+    assert "limit_concurrency" not in opts  # uvicorn's would count idle sockets and refuse the probes
 
 
 async def _echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -268,7 +269,7 @@ def guarded_server() -> Iterator[int]:
     from tests.test_service_process import free_port
 
     port = free_port()
-    opts = uvicorn_options(Settings(header_timeout_s=0.5, body_timeout_s=0.5, limit_concurrency=3))
+    opts = uvicorn_options(Settings(header_timeout_s=0.5, body_timeout_s=0.5))
     server = uvicorn.Server(uvicorn.Config(_echo_app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off", **opts))
     th = threading.Thread(target=server.run, daemon=True)
@@ -312,14 +313,59 @@ def test_half_sent_headers_and_slow_bodies_are_cut_off(guarded_server):
         assert data.startswith(b"HTTP/1.1 200") and b"\r\n\r\n1\r\n2\r\n" in data
 
 
-def test_connections_beyond_the_limit_get_503(guarded_server):
+def test_requests_beyond_the_limit_get_503_but_the_probes_never_do():
+    """RequestLimit: with `limit` requests in flight one more gets the JSON 503 overloaded; /livez and
+    /readyz still answer (a client holding many requests cannot get the pod restarted); when the held
+    requests end, requests pass again. Idle or half-sent connections are not requests (the read deadlines
+    above bound them)."""
     import httpx
 
-    port = guarded_server
-    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-    try:
-        r = httpx.post(f"http://127.0.0.1:{port}/", content=b"{}", timeout=15)
-        assert r.status_code == 503
-    finally:
-        for s in held:
-            s.close()
+    from service.server import RequestLimit
+
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        if scope["path"] == "/hold":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def scenario():
+        app = RequestLimit(slow_app, limit=2)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            held = [asyncio.create_task(c.get("/hold")) for _ in range(2)]
+            while app.active < 2:
+                await asyncio.sleep(0.01)
+            over = await c.get("/v1/models")
+            probes = [await c.get(p) for p in ("/livez", "/readyz")]
+            release.set()
+            done = await asyncio.gather(*held)
+            after = await c.get("/v1/models")
+        return over, probes, done, after
+
+    over, probes, done, after = asyncio.run(scenario())
+    assert over.status_code == 503 and over.json()["error"]["code"] == "overloaded"
+    assert over.headers["retry-after"] == "1"
+    assert [p.status_code for p in probes] == [200, 200]
+    assert [d.status_code for d in done] == [200, 200] and after.status_code == 200
+
+
+
+
+# ---- model kinds the service cannot bound yet ------------------------------------------------------
+def test_lfm_and_distilled_models_are_refused_at_load_with_a_clear_error():
+    """Their solves run their own blocks, which the deadline/cancellation check and the cost formula do not
+    reach: the service refuses them (LoadError, so /readyz says load_failed) rather than serve them unbounded."""
+    from flownp.core.config import ModelConfig
+    from flownp.core.lfm import LFM, DistillConfig, DistilledSampler, LFMConfig
+    from flownp.inference import default_model
+    from service.engine import LoadError, refuse_unserved_kind
+
+    lm = default_model()
+    refuse_unserved_kind("plain", lm)  # a plain FlowNP is served
+    cfg = ModelConfig(targets="independent", d_model=16, n_heads=2, n_layers=1, d_ff=16)
+    lfm = LFM(cfg, LFMConfig(n_blocks=2))
+    for model in (lfm, DistilledSampler(lfm, DistillConfig(group=2))):
+        lm.model = model
+        with pytest.raises(LoadError, match="not served yet"):
+            refuse_unserved_kind("v1", lm)

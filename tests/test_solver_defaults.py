@@ -40,8 +40,36 @@ def test_loaded_model_uses_its_recorded_solver_else_the_fallback() -> None:
     man = read_manifest()
     fallback = SolverConfig("midpoint", 7)
     assert lm.solver("log_likelihood", fallback) == parse_solver(man["solvers"]["log_likelihood"])
-    lm.info["solvers"] = None
-    assert lm.solver("log_likelihood", fallback) == fallback
+    for bad in ({"log_likelihood": "dopri5:1e-5"}, {"log_likelihood": "midpoint:500"}, {"log_likelihood": "nope:2"},
+                None):
+        lm.info["solvers"] = bad  # adaptive (cost unknown), beyond max_steps, unknown, absent
+        assert lm.solver("log_likelihood", fallback, max_steps=256) == fallback
+
+
+def _fresh_task(lm):
+    g = torch.Generator().manual_seed(3)
+    n_ctx, n_tgt = 80, 24
+    x = torch.rand(1, n_ctx + n_tgt, 2, generator=g) * 2 - 1
+    y = torch.sin(3 * x[..., :1]) + torch.cos(2 * x[..., 1:]) + 0.05 * torch.randn(1, n_ctx + n_tgt, 4, generator=g)
+    xc, yc, xt, yt = x[:, :n_ctx], y[:, :n_ctx], x[:, n_ctx:], y[:, n_ctx:]
+    return xc, yc, xt, yt, lm.model.task_transform(xc, yc, xt), g
+
+
+def _ll_error(model, xc, yc, xt, yt, tr, solver) -> float:
+    ll = lambda s: float(log_likelihood(model, xc, yc, xt, yt, solver=s, estimator="exact",  # noqa: E731
+                                        transform=tr).per_point[0])
+    return abs(ll(solver) - ll(SolverConfig("dopri5", rtol=1e-7, atol=1e-7)))
+
+
+def test_the_check_catches_a_flow_that_is_not_constant() -> None:
+    """Negative control for the test below: give the default model's zero-initialised head a random last
+    layer, and Euler 1 no longer agrees with dopri5 within the tolerance (so that test can fail)."""
+    lm = default_model()
+    xc, yc, xt, yt, tr, g = _fresh_task(lm)
+    last = [m for m in lm.model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 0.5)  # a fresh copy: nothing to restore
+    assert _ll_error(lm.model, xc, yc, xt, yt, tr, SolverConfig("euler", 1)) > LL_TOLERANCE
 
 
 def test_the_shipped_defaults_hold_on_a_fresh_task() -> None:
@@ -50,16 +78,9 @@ def test_the_shipped_defaults_hold_on_a_fresh_task() -> None:
     lm = default_model()
     man = read_manifest()["solvers"]
     assert man["tolerances"]["log_likelihood_nats_per_point"] == LL_TOLERANCE
-    g = torch.Generator().manual_seed(3)
-    n_ctx, n_tgt = 80, 24
-    x = torch.rand(1, n_ctx + n_tgt, 2, generator=g) * 2 - 1
-    y = torch.sin(3 * x[..., :1]) + torch.cos(2 * x[..., 1:]) + 0.05 * torch.randn(1, n_ctx + n_tgt, 4, generator=g)
-    xc, yc, xt, yt = x[:, :n_ctx], y[:, :n_ctx], x[:, n_ctx:], y[:, n_ctx:]
-    tr = lm.model.task_transform(xc, yc, xt)
-    ref = SolverConfig("dopri5", rtol=1e-7, atol=1e-7)
-    ll = lambda s: float(log_likelihood(lm.model, xc, yc, xt, yt, solver=s, estimator="exact",  # noqa: E731
-                                        transform=tr).per_point[0])
-    assert abs(ll(parse_solver(man["log_likelihood"])) - ll(ref)) <= LL_TOLERANCE
+    xc, yc, xt, yt, tr, g = _fresh_task(lm)
+    n_tgt = xt.shape[1]
+    assert _ll_error(lm.model, xc, yc, xt, yt, tr, parse_solver(man["log_likelihood"])) <= LL_TOLERANCE
     y0 = torch.randn(1, 4, n_tgt, 4, generator=g)
     a = sample(lm.model, xc, yc, xt, n_samples=4, solver=parse_solver(man["sample"]), y0=y0, transform=tr).samples
     b = sample(lm.model, xc, yc, xt, n_samples=4, solver=SolverConfig("dopri5", rtol=1e-6, atol=1e-6), y0=y0,

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
+ACTIVATIONS = ("relu", "silu")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """FlowNP transformer settings.
@@ -35,6 +38,10 @@ class ModelConfig:
     velocity: "network" (the network is the velocity of the linear path) or "residual" (it is the velocity
               in the frame u = y / sigma(t), where the path between two N(0, I) laws stands still; its last
               layer starts at zero, so the untrained model is exactly its base; flownp.core.paths).
+    activation: of the token-embedding and head MLPs, "relu" (the reference) or "silu". With
+              velocity="residual" a ReLU head can die: its last layer starts at zero and the target is nearly
+              constant, and in the shipped 2026-12 default every one of the head's 128 ReLU units was dead,
+              which left a constant velocity (docs/results.md §5.6); SiLU has no dead region.
     """
 
     arch: str = "cached"
@@ -64,6 +71,7 @@ class ModelConfig:
     gp_noise_ratios: str = "1e-5,1e-4,1e-3,1e-2,1e-1"
     standardise_floor: float = 0.05
     velocity: str = "network"
+    activation: str = "relu"
 
     def __post_init__(self) -> None:
         if self.arch not in ("reference", "cached"):
@@ -97,6 +105,8 @@ class ModelConfig:
             raise ValueError("standardise_floor must be > 0")
         if self.velocity not in ("network", "residual"):
             raise ValueError(f"velocity must be 'network' or 'residual', got {self.velocity!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
 

@@ -18,13 +18,35 @@ from flownp.core.encoding import Sinusoidal, geometric_freqs, reference_freqs
 from flownp.core.gp_base import GPFitSettings, TaskTransform, task_transform
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+def _mlp(sizes: list[int], activation: str = "relu") -> nn.Sequential:
+    act = {"relu": nn.ReLU, "silu": nn.SiLU}[activation]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(act())
     return nn.Sequential(*layers)
+
+
+def head_units_alive(model: nn.Module, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor,
+                     times: tuple[float, ...] = (0.05, 0.5, 0.95), generator: torch.Generator | None = None) -> float:
+    """Fraction of the velocity head's hidden units with a nonzero gradient path for some target, time and
+    N(0, I) state on these tasks (a ReLU unit that is never positive passes no gradient: it is dead). 1.0 for
+    a smooth activation unless a unit is exactly flat. xc (B, n_ctx, 2), yc (B, n_ctx, y_dim), xt (B, n_tgt, 2)
+    in the flow's space."""
+    acts: list[torch.Tensor] = []
+    hook = model.head[1].register_forward_hook(lambda _m, _i, o: acts.append(o.detach()))
+    try:
+        with torch.no_grad():
+            ctx = model.encode_context(xc, yc)
+            for t in times:
+                y = torch.randn(xt.shape[:-1] + (model.config.y_dim,), generator=generator, dtype=xt.dtype)
+                model.velocity(ctx, xt, y, t)
+    finally:
+        hook.remove()
+    a = torch.cat([z.reshape(-1, z.shape[-1]) for z in acts])
+    live = (a > 0) if isinstance(model.head[1], nn.ReLU) else (a != 0)
+    return float(live.any(0).float().mean())
 
 
 class CachedBlock(nn.Module):
@@ -103,14 +125,14 @@ class FlowNP(nn.Module):
             self.enc_x = Sinusoidal(geometric_freqs(c.space_freqs, c.space_max_log2))
             self.enc_t = Sinusoidal(geometric_freqs(c.time_freqs, c.time_freqs - 3.0))
         n_in = c.x_dim * self.enc_x.out_per_scalar + self.enc_t.out_per_scalar + c.y_dim
-        self.embed = _mlp([n_in] + [c.embed_hidden] * (c.embed_layers - 1) + [c.d_model])
+        self.embed = _mlp([n_in] + [c.embed_hidden] * (c.embed_layers - 1) + [c.d_model], c.activation)
         if c.arch == "reference":
             layer = nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff, dropout=0.0, batch_first=True,
                                                norm_first=False)
             self.encoder = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
         else:
             self.blocks = nn.ModuleList(CachedBlock(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
-        self.head = _mlp([c.d_model, c.head_hidden, c.y_dim])
+        self.head = _mlp([c.d_model, c.head_hidden, c.y_dim], c.activation)
         if c.velocity == "residual":  # the untrained model is exactly its base distribution
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)

@@ -45,12 +45,12 @@ async def _gone(request: Request) -> None:
 
 
 def solver_for(lm: LoadedModel, kind: str, method: str | None, steps: int | None,
-               fallback: SolverConfig) -> SolverConfig:
+               fallback: SolverConfig, max_steps: int) -> SolverConfig:
     """The solver a request runs: neither method nor steps given -> the model's measured default for `kind`
     ('sample' | 'log_likelihood', `LoadedModel.solver`), else `fallback`; one given -> the other from
     `fallback`."""
     if method is None and steps is None:
-        return lm.solver(kind, fallback)
+        return lm.solver(kind, fallback, max_steps)
     return SolverConfig(method or fallback.method, steps or fallback.steps)
 
 
@@ -88,8 +88,8 @@ async def extrapolate(request: Request, engine: EngineDep, settings: SettingsDep
     estimator = resolve_estimator(lm, opts.estimator, len(tlat), settings) if with_ll else "none"
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tlat, tlon)
-    solver = solver_for(lm, "sample", req.solver, req.steps, SAMPLE_SOLVER)
-    ll_solver = solver_for(lm, "log_likelihood", opts.solver, opts.steps, SAMPLE_LL_SOLVER)
+    solver = solver_for(lm, "sample", req.solver, req.steps, SAMPLE_SOLVER, settings.max_steps)
+    ll_solver = solver_for(lm, "log_likelihood", opts.solver, opts.steps, SAMPLE_LL_SOLVER, settings.max_steps)
     cost = request_cost(n_ctx=ctx.n, n_tgt=len(tlat), num_samples=req.num_samples, solver=solver.method,
                         steps=solver.steps, ll_solver=ll_solver.method if with_ll else None,
                         ll_steps=ll_solver.steps, estimator=estimator,
@@ -137,7 +137,7 @@ async def log_likelihood(request: Request, engine: EngineDep, settings: Settings
     space.check_points(tg.latitude, tg.longitude, "targets")
     estimator = resolve_estimator(lm, req.estimator, tg.n, settings)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tg.latitude, tg.longitude, tg.array())
-    solver = solver_for(lm, "log_likelihood", req.solver, req.steps, SCORE_SOLVER)
+    solver = solver_for(lm, "log_likelihood", req.solver, req.steps, SCORE_SOLVER, settings.max_steps)
     cost = request_cost(n_ctx=ctx.n, n_tgt=tg.n, num_samples=1, solver=solver.method, steps=0,
                         ll_solver=solver.method, ll_steps=solver.steps, estimator=estimator, n_probes=req.n_probes,
                         gp_base=bool(getattr(lm.model, "has_task_transform", False)))

@@ -1,0 +1,46 @@
+"""The MLP activation setting: recorded and rebuilt, old checkpoints stay ReLU, and the reason it exists: a
+ReLU head whose units are all negative passes no gradient (dead, as in the 2026-12 default), a SiLU one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+from flownp.core.config import ModelConfig
+from flownp.core.model import FlowNP, head_units_alive
+from flownp.default_model import default_paths
+
+TINY = dict(targets="independent", d_model=16, n_heads=2, n_layers=1, d_ff=16, embed_hidden=16, head_hidden=8,
+            space_freqs=2, time_freqs=2, velocity="residual")
+
+
+def test_activation_round_trips_and_bad_values_are_refused() -> None:
+    cfg = ModelConfig(**TINY, activation="silu")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert isinstance(FlowNP(cfg).head[1], torch.nn.SiLU) and isinstance(FlowNP(cfg).embed[1], torch.nn.SiLU)
+    with pytest.raises(ValueError, match="activation"):
+        ModelConfig(**TINY, activation="tanh")
+
+
+def test_a_checkpoint_without_the_setting_rebuilds_as_relu() -> None:
+    ck = load_checkpoint(default_paths()[0])
+    assert "activation" not in ck["model_config"]
+    assert isinstance(model_from_checkpoint(ck).head[1], torch.nn.ReLU)
+
+
+@pytest.mark.parametrize("activation, alive", [("relu", 0.0), ("silu", 1.0)])
+def test_a_head_pushed_negative_is_dead_with_relu_and_alive_with_silu(activation: str, alive: float) -> None:
+    torch.manual_seed(0)
+    m = FlowNP(ModelConfig(**TINY, activation=activation))
+    with torch.no_grad():
+        m.head[0].bias.fill_(-5.0)  # every hidden pre-activation far below zero
+        m.head[0].weight.mul_(1e-3)
+        m.head[-1].weight.fill_(0.1)
+    g = torch.Generator().manual_seed(1)
+    xc, yc, xt = torch.rand(2, 30, 2, generator=g), torch.randn(2, 30, 4, generator=g), torch.rand(2, 10, 2, generator=g)
+    assert head_units_alive(m, xc, yc, xt, generator=g) == alive
+    ctx = m.encode_context(xc, yc)
+    m.velocity(ctx, xt, torch.randn(2, 10, 4, generator=g), 0.5).sum().backward()
+    grad = m.head[0].weight.grad.abs().sum().item()
+    assert (grad == 0.0) if activation == "relu" else (grad > 0.0)  # a dead head learns nothing
