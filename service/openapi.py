@@ -38,10 +38,19 @@ _WHY = {
     409: "The new models could not be loaded; the old ones are still served.",
     413: "The body exceeds the size limit.", 415: "Not application/json, or a Content-Encoding other than identity.",
     422: "Invalid request: a field (its type, range, length), or a rule across fields (equal list lengths, points "
-         "inside the model's disc, at least the model's trained minimum context, distinct target points).",
+         "inside the model's disc, at least the model's trained minimum context, distinct target points), or "
+         "too_costly: its estimated work (targets x samples x solver evaluations, service.admission) exceeds "
+         "the per-request limit.",
     500: "An internal error (logged; no details are given).",
-    503: "Not ready (loading, or the load failed) or overloaded; see Retry-After.",
+    503: "Not ready (loading, or load_failed) or overloaded (the queue, or more requests in flight than the "
+         "server's limit); retry after Retry-After seconds, sending back X-Retry-Ticket when given. A client "
+         "that disconnects is logged as 499, which is never delivered.",
     504: "The request's deadline passed.",
+}
+RETRY_HEADERS = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 0}},
+    "X-Retry-Ticket": {"description": "Send it back as X-Retry-Ticket on the retry to keep your place "
+                       "(overloaded answers of the inference routes).", "schema": {"type": "string"}},
 }
 _POST = (400, 401, 404, 406, 413, 415, 422, 500, 503, 504)
 STATUSES = {  # (path, method) -> error statuses it can answer
@@ -49,10 +58,10 @@ STATUSES = {  # (path, method) -> error statuses it can answer
     ("/v1/log-likelihood", "post"): _POST,
     ("/v1/models", "get"): (401, 500, 503),
     ("/v1/models/{version}", "get"): (401, 404, 500, 503),
-    ("/v1/admin/reload", "post"): (401, 409, 500),
+    ("/v1/admin/reload", "post"): (401, 409, 500, 503),
     ("/livez", "get"): (500,),
     ("/readyz", "get"): (500, 503),
-    ("/metrics", "get"): (401, 500),
+    ("/metrics", "get"): (401, 500, 503),
 }
 _JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
 OK_CONTENT = {
@@ -115,6 +124,8 @@ def _responses(schema: dict[str, Any]) -> None:
         for status in statuses:
             responses[str(status)] = {"description": _WHY[status],
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            if status == 503:
+                responses["503"]["headers"] = RETRY_HEADERS
     comps = schema["components"]["schemas"]
     for name in ("HTTPValidationError", "ValidationError"):
         comps.pop(name, None)

@@ -36,6 +36,11 @@ def test_the_document_lists_every_error_status_content_type_and_limit():
     assert ex["context"]["properties"]["values"]["properties"]["t2m"]["items"]["minimum"] > 150
     assert ex["targets"]["oneOf"][1]["properties"]["longitude"]["maxItems"] == 40
     assert ex["num_samples"]["maximum"] == 5 and ex["model"]["anyOf"][0]["minLength"] == 1
+    # what the admission and the request limit answer is documented too
+    post = paths["/v1/extrapolate"]["post"]["responses"]
+    assert "too_costly" in post["422"]["description"] and set(post["503"]["headers"]) == {"Retry-After",
+                                                                                          "X-Retry-Ticket"}
+    assert "503" in paths["/metrics"]["get"]["responses"] and "503" in paths["/v1/admin/reload"]["post"]["responses"]
 
 
 def test_schemathesis_finds_no_contract_failure(server, tmp_path):  # noqa: F811
