@@ -6,6 +6,8 @@
 #   gp     + the per-task GP base and the residual velocity (zero head = that GP)
 #   broad  + the broad synthetic prior instead of the GP law (the default model's recipe)
 #   joint  as broad, joint targets instead of independent ones
+#   silu   as broad, with SiLU instead of ReLU in the MLPs (ModelConfig.activation; 500 steps in the run
+#          reported in docs/results.md §5.6)
 #   gp0    the gp row untrained (one step at learning rate 0: the zero-initialised head keeps the flow at zero,
 #          so the model is exactly its GP base; scored with Euler 1, which is exact for a zero flow)
 # Each model is evaluated on the GP law's frozen dense / sparse sets (with the exact oracle) and on the real
@@ -87,7 +89,8 @@ queue_a() {
 queue_b() {
   train gp store-gp --targets independent $GPB
   train broad store-broad --targets independent $GPB
-  evaluate gp; evaluate broad; baselines
+  train silu store-broad --targets independent $GPB --activation silu
+  evaluate gp; evaluate broad; evaluate silu; baselines
 }
 
 queue_a > queue-a.out 2>&1 &
