@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The equal-compute ablation of issue 14 (docs/results.md §5.6): the same network (d_model 64, 4 layers,
+# The equal-compute ablation of issue 14 (docs/results.md §5.5): the same network (d_model 64, 4 layers,
 # 160K parameters) trained for the same steps on the same number of tasks, one ingredient added per row:
 #   ref    standard N(0, I) base, no standardisation, plain velocity, synthetic GP-law store
 #   std    + per-task standardisation (context median / robust spread)
@@ -7,7 +7,7 @@
 #   broad  + the broad synthetic prior instead of the GP law (the default model's recipe)
 #   joint  as broad, joint targets instead of independent ones
 #   silu   as broad, with SiLU instead of ReLU in the MLPs (ModelConfig.activation; 500 steps in the run
-#          reported in docs/results.md §5.6)
+#          reported in docs/results.md §5.5)
 #   gp0    the gp row untrained (one step at learning rate 0: the zero-initialised head keeps the flow at zero,
 #          so the model is exactly its GP base; scored with Euler 1, which is exact for a zero flow)
 # Each model is evaluated on the GP law's frozen dense / sparse sets (with the exact oracle) and on the real

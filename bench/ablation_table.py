@@ -1,4 +1,4 @@
-"""Prints the equal-compute ablation's tables (docs/results.md §5.6) from bench/ablation_study.sh's results:
+"""Prints the equal-compute ablation's tables (docs/results.md §5.5) from bench/ablation_study.sh's results:
 
     python bench/ablation_table.py WORK_DIR/results
 

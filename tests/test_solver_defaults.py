@@ -63,7 +63,7 @@ def _ll_error(model, xc, yc, xt, yt, tr, solver) -> float:
 
 def test_the_check_catches_a_flow_that_is_not_constant() -> None:
     """Negative control for the test below: re-draw the default model's velocity head (its ReLU units are
-    dead in the shipped weights, docs/results.md §5.6, so the last layer alone would still give a constant),
+    dead in the shipped weights, docs/results.md §5.5, so the last layer alone would still give a constant),
     and Euler 1 no longer agrees with dopri5 within the tolerance (so that test can fail)."""
     lm = default_model()  # a fresh copy: nothing to restore
     xc, yc, xt, yt, tr, g = _fresh_task(lm)

@@ -41,7 +41,7 @@ class ModelConfig:
     activation: of the token-embedding and head MLPs, "relu" (the reference) or "silu". With
               velocity="residual" a ReLU head can die: its last layer starts at zero and the target is nearly
               constant, and in the shipped 2026-12 default every one of the head's 128 ReLU units was dead,
-              which left a constant velocity (docs/results.md §5.6); SiLU has no dead region.
+              which left a constant velocity (docs/results.md §5.5); SiLU has no dead region.
     """
 
     arch: str = "cached"
