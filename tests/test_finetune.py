@@ -113,13 +113,15 @@ def test_checkpoint_records_base_and_resumes_exactly(tiny_store, base_ckpt, tmp_
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in full.model.parameters())
 
 
-@pytest.mark.parametrize("kind", ["schur", "mlp", "schur-lowrank"])
+@pytest.mark.parametrize("kind", ["schur", "mlp", "schur-lowrank", "contracting-local"])
 def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt, tmp_path, kind):
     from flownp.core.gav import GAVFlowNP
 
     rank = 1 if kind.endswith("-lowrank") else None
-    kind = kind.removesuffix("-lowrank")
-    ft = FinetuneConfig(mode="gav", k_steps=2, inversion_steps=4, gav={"kind": kind, "hidden": 8, "cayley_rank": rank})
+    centre = "local" if kind.endswith("-local") else "mlp"
+    kind = kind.removesuffix("-lowrank").removesuffix("-local")
+    ft = FinetuneConfig(mode="gav", k_steps=2, inversion_steps=4,
+                        gav={"kind": kind, "hidden": 8, "cayley_rank": rank, "centre": centre, "centre_width": 8})
     t = FineTuner(Store.open(tiny_store), tmp_path, base_ckpt, ft, tcfg(steps=4, ckpt_every=4))
     before = {k: v.clone() for k, v in t.model.residual.state_dict().items()}
     t.run(progress=False)
@@ -129,7 +131,9 @@ def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt
     assert any(not torch.equal(before[k], v) for k, v in t.model.residual.state_dict().items())
     ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["gav_config"]["kind"] == kind and ck["gav_config"]["cayley_rank"] == rank
+    assert ck["gav_config"]["centre"] == centre
     m = model_from_checkpoint(ck, ema=False)
+    assert hasattr(m.residual, "local") == (centre == "local")
     assert isinstance(m, GAVFlowNP)
     for a, b in zip(m.parameters(), t.model.parameters()):
         assert torch.equal(a, b)

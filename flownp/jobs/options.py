@@ -39,6 +39,10 @@ HELP: dict[str, str] = {  # option help; a field without an entry is described b
     "grad": "backprop, checkpoint (less memory) or adjoint (least).",
     "train_base": "gav: also tune the base model.",
     "control": "The continued-pretraining control: the same model, steps and tasks, trained by flow matching.", "gav_kind": "gav: schur (Hurwitz), contracting, or mlp (ablation).",
+    "gav_centre": "gav: mlp (on the mean-pooled context summary; the ablation) or local (a small backbone copy "
+                  "attending to the context per target point).",
+    "gav_centre_layers": "gav local centre: transformer layers.", "gav_centre_width": "gav local centre: width.",
+    "gav_centre_heads": "gav local centre: attention heads.",
     "gav_cayley_rank": "gav: low-rank skew factor (rank <= 2r) through Sherman-Morrison-Woodbury; default dense.",
     "n_blocks": "LFM: sub-flows N (steps is per block).", "gamma_c": "LFM: first OU step gamma_1 = c.",
     "gamma_rho": "LFM: OU step ratio, gamma_n = c rho^(n-1).",
