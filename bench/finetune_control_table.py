@@ -13,10 +13,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flownp.checkpoint import load_checkpoint
-from flownp.jobs.finetune import check_same_start
+from finetune_table import cell  # noqa: E402  (mean and (min..max) over seeds)
+from flownp.checkpoint import load_checkpoint  # noqa: E402
+from flownp.jobs.finetune import check_same_start  # noqa: E402
 
 ORDER = ["base", "mle", "ctl-mle", "gav-mlp", "ctl-gav-mlp", "gav-local", "ctl-gav-local"]
 LABEL = {"base": "FlowNP (pretrained)", "mle": "FT-FlowNP (MLE, inversion)",
@@ -35,13 +36,6 @@ def metrics(r: dict, base: dict | None) -> dict[str, float]:
         out["d_ll100"] = out["ll100"] - base["tar_ll_by_solver"]["midpoint:100"]["tar_ll"]
         out["d_ll16"] = out["ll16"] - base["tar_ll_by_solver"]["euler:16"]["tar_ll"]
     return out
-
-
-def cell(xs: list[float], fmt: str) -> str:
-    if not xs:
-        return ""
-    m = format(float(np.mean(xs)), fmt)
-    return m if len(xs) == 1 else f"{m} ({format(min(xs), fmt)}..{format(max(xs), fmt)})"
 
 
 def main(work: str) -> None:
