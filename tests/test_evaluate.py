@@ -109,3 +109,60 @@ def test_hutchinson_probes_are_drawn_per_batch_and_kept_for_the_same_tasks(tiny_
     assert seeds[0] != seeds[1]  # two batches, two probe draws
     assert seeds[2:] == seeds[:2]  # the same tasks with a corrupted context: the same probes (paired)
     assert ev.batch_probe_seed(8, batches[0]) != seeds[0]  # and the run's seed still matters
+
+
+def test_gaussian_fit_score_is_the_closed_form_of_the_samples_mean_and_std():
+    """Samples m +- s (two each per point) have mean m and unbiased std s * sqrt(4/3): the score is
+    log N(y; m, that std^2) summed over variables, exactly."""
+    from flownp.jobs.evaluate import gaussian_fit_log_score
+
+    m = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64).expand(1, 3, 4)
+    s = torch.tensor([1.0, 0.5, 2.0, 0.1], dtype=torch.float64)
+    samples = torch.stack([m + s, m - s, m + s, m - s], dim=1)  # (1, 4, 3, 4)
+    y = m + torch.tensor([[0.0], [1.0], [-2.0]], dtype=torch.float64)
+    sd = s * math.sqrt(4 / 3)
+    want = norm.logpdf(y.numpy(), m.numpy(), sd.numpy()).sum(-1)
+    np.testing.assert_allclose(gaussian_fit_log_score(samples, y).numpy(), want, rtol=1e-12)
+
+
+def test_gauss_ll_is_labelled_and_leaves_the_sample_metrics_unchanged(tiny_store):
+    """The oracle's 50-sample Gaussian score sits below its exact joint tar_ll here (the targets are
+    correlated, a product of marginals ignores that), is labelled as a marginal score, and drawing its 50
+    samples does not change the 16-sample CRPS."""
+    store = Store.open(tiny_store)
+    _, test = store.load("test")
+    batches = [TaskSampler(test, store.region.circle_xy, TaskConfig(80, 80, 40, 2, seed=s))[0] for s in range(2)]
+    orc = OraclePredictor(synthetic_law(store), store.normalizer)
+    plain = evaluate_predictor(orc, batches, store.normalizer, n_samples=16)
+    both = evaluate_predictor(orc, batches, store.normalizer, n_samples=16, gauss_samples=50)
+    assert "gauss_ll" not in plain and both["crps"] == plain["crps"]
+    assert both["gauss_ll_samples"] == 50 and "not the model's joint density" in both["gauss_ll_units"]
+    assert math.isfinite(both["gauss_ll"]) and both["gauss_ll"] < both["tar_ll"]
+    same = evaluate_predictor(orc, batches, store.normalizer, n_samples=50, gauss_samples=50)
+    assert same["gauss_ll"] != both["gauss_ll"]  # reuses the 50 sample-metric draws (one draw, not two)
+
+
+def test_tar_ll_is_reported_per_solver_never_mixed(tiny_store, tmp_path):
+    """evaluate_checkpoint: tar_ll is the primary solver's (as the oracle gap), every other solver has its
+    own labelled entry, equal to a run with that solver as the primary."""
+    from flownp.core.config import ModelConfig
+    from flownp.jobs.evaluate import evaluate_checkpoint
+    from flownp.jobs.train import TrainConfig, Trainer
+
+    c = TrainConfig(steps=2, batch_size=2, n_ctx_min=30, n_ctx_max=30, n_tgt=10, warmup=1, ckpt_every=2, seed=0)
+    Trainer(Store.open(tiny_store), tmp_path / "run", ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32,
+                                                                   embed_hidden=16, head_hidden=16), c).run(progress=False)
+    kw = dict(n_tasks=2, n_ctx=(30, 30), batch_size=2, n_samples=0, oracle=False, progress=False, exact=False)
+    ck = str(tmp_path / "run" / "last.pt")
+    res = evaluate_checkpoint(ck, str(tiny_store), ll_solver="midpoint:8", also_ll_solvers=("euler:4",), **kw)
+    by = res["tar_ll_by_solver"]
+    assert list(by) == ["midpoint:8", "euler:4"]
+    assert by["midpoint:8"]["primary"] and not by["euler:4"]["primary"]
+    assert by["midpoint:8"]["tar_ll"] == res["flownp"]["tar_ll"]
+    assert by["euler:4"]["ll_solver"] == "euler, 4 steps" and by["euler:4"]["tar_ll"] != by["midpoint:8"]["tar_ll"]
+    alone = evaluate_checkpoint(ck, str(tiny_store), ll_solver="euler:4", **kw)
+    assert alone["flownp"]["tar_ll"] == pytest.approx(by["euler:4"]["tar_ll"], rel=1e-6)
+    with pytest.raises(ValueError):
+        evaluate_checkpoint(ck, str(tiny_store), also_ll_solvers=("leapfrog:3",), **kw)
+    with pytest.raises(ValueError, match="gauss_samples"):
+        evaluate_checkpoint(ck, str(tiny_store), gauss_samples=1, **kw)

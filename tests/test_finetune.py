@@ -113,13 +113,15 @@ def test_checkpoint_records_base_and_resumes_exactly(tiny_store, base_ckpt, tmp_
     assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in full.model.parameters())
 
 
-@pytest.mark.parametrize("kind", ["schur", "mlp", "schur-lowrank"])
+@pytest.mark.parametrize("kind", ["schur", "mlp", "schur-lowrank", "contracting-local"])
 def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt, tmp_path, kind):
     from flownp.core.gav import GAVFlowNP
 
     rank = 1 if kind.endswith("-lowrank") else None
-    kind = kind.removesuffix("-lowrank")
-    ft = FinetuneConfig(mode="gav", k_steps=2, inversion_steps=4, gav={"kind": kind, "hidden": 8, "cayley_rank": rank})
+    centre = "local" if kind.endswith("-local") else "mlp"
+    kind = kind.removesuffix("-lowrank").removesuffix("-local")
+    ft = FinetuneConfig(mode="gav", k_steps=2, inversion_steps=4,
+                        gav={"kind": kind, "hidden": 8, "cayley_rank": rank, "centre": centre, "centre_width": 8})
     t = FineTuner(Store.open(tiny_store), tmp_path, base_ckpt, ft, tcfg(steps=4, ckpt_every=4))
     before = {k: v.clone() for k, v in t.model.residual.state_dict().items()}
     t.run(progress=False)
@@ -129,7 +131,9 @@ def test_gav_finetune_trains_only_the_residual_and_reloads(tiny_store, base_ckpt
     assert any(not torch.equal(before[k], v) for k, v in t.model.residual.state_dict().items())
     ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["gav_config"]["kind"] == kind and ck["gav_config"]["cayley_rank"] == rank
+    assert ck["gav_config"]["centre"] == centre
     m = model_from_checkpoint(ck, ema=False)
+    assert hasattr(m.residual, "local") == (centre == "local")
     assert isinstance(m, GAVFlowNP)
     for a, b in zip(m.parameters(), t.model.parameters()):
         assert torch.equal(a, b)
@@ -204,3 +208,86 @@ def test_checkpoints_record_the_smallest_context_over_the_lineage(tiny_store, ba
     (lm,) = load_models(Settings(checkpoint=path, checkpoint_sha256=sha)).values()
     assert lm.trained_min_context == 60 and lm.min_context(Settings()) == 60
     assert Extrapolator.from_checkpoint(path).min_context == 60
+
+
+def test_control_starts_from_the_fine_tunes_weights_and_trains_by_flow_matching(tiny_store, base_ckpt, tmp_path):
+    """The continued-pretraining control of a fine-tune: the same starting weights (hashes recorded in both
+    checkpoints, equal to the base's own), the same steps and tasks, the flow-matching objective."""
+    from flownp.jobs.finetune import check_same_start, state_dict_sha256
+    from flownp.jobs.train import fm_loss
+
+    store = Store.open(tiny_store)
+    runs = {}
+    for name, ft in (("ft", FinetuneConfig(k_steps=2, inversion_steps=2)),
+                     ("ctl", FinetuneConfig(k_steps=2, inversion_steps=2, control=True))):
+        t = FineTuner(store, tmp_path / name, base_ckpt, ft, tcfg(steps=3, ckpt_every=3))
+        assert (t.objective is fm_loss) == ft.control and (t.module is t.model) == ft.control
+        t.run(progress=False)
+        runs[name] = load_checkpoint(tmp_path / name / "last.pt")
+    ft_ck, ctl_ck = runs["ft"], runs["ctl"]
+    want = state_dict_sha256(model_from_checkpoint(load_checkpoint(base_ckpt)).state_dict())
+    assert ft_ck["start_base_sha256"] == ctl_ck["start_base_sha256"] == want
+    assert ft_ck["start_sha256"] == ctl_ck["start_sha256"] == want  # mle: the model trained is the base itself
+    assert ctl_ck["finetune_config"]["control"] and ctl_ck["log_sigma"] is None
+    check_same_start(ft_ck, ctl_ck)
+    # the control moved its weights, by another objective than the fine-tune's
+    for ck in (ft_ck, ctl_ck):
+        assert state_dict_sha256(ck["model"]) != want
+    assert state_dict_sha256(ft_ck["model"]) != state_dict_sha256(ctl_ck["model"])
+    rows = [json.loads(x) for x in (tmp_path / "ctl" / "log.jsonl").read_text().splitlines()]
+    assert all("recon_mse" not in r for r in rows) and any("val_loss_ema" in r for r in rows)
+    # the control resumes like any run
+    again = FineTuner(store, tmp_path / "ctl", base_ckpt, FinetuneConfig(k_steps=2, inversion_steps=2, control=True),
+                      tcfg(steps=3, ckpt_every=3))
+    again.resume(tmp_path / "ctl" / "last.pt")
+    assert again.step == 3
+
+
+def test_a_control_from_a_different_start_is_detected(tiny_store, base_ckpt, tmp_path):
+    """A control run from other weights (a perturbed copy of the base), or with other steps, or a fine-tune
+    passed as the control, is refused by check_same_start."""
+    from flownp.jobs.finetune import check_same_start, state_dict_sha256
+
+    store = Store.open(tiny_store)
+    other = tmp_path / "other.pt"
+    ck = torch.load(base_ckpt, weights_only=True)
+    key = next(iter(ck["ema"]))
+    ck["ema"][key] = ck["ema"][key] + 1e-6  # one weight, barely moved
+    torch.save(ck, other)
+    assert state_dict_sha256(ck["ema"]) != state_dict_sha256(load_checkpoint(base_ckpt)["ema"])
+    ft = FinetuneConfig(k_steps=2, inversion_steps=2)
+    ctl = FinetuneConfig(k_steps=2, inversion_steps=2, control=True)
+    FineTuner(store, tmp_path / "ft", base_ckpt, ft, tcfg(steps=2, ckpt_every=2)).run(progress=False)
+    FineTuner(store, tmp_path / "bad", other, ctl, tcfg(steps=2, ckpt_every=2)).run(progress=False)
+    FineTuner(store, tmp_path / "long", base_ckpt, ctl, tcfg(steps=3, ckpt_every=3)).run(progress=False)
+    FineTuner(store, tmp_path / "good", base_ckpt, ctl, tcfg(steps=2, ckpt_every=2)).run(progress=False)
+    a, bad, long, good = (load_checkpoint(tmp_path / n / "last.pt") for n in ("ft", "bad", "long", "good"))
+    check_same_start(a, good)
+    with pytest.raises(ValueError, match="did not start from the fine-tune's weights"):
+        check_same_start(a, bad)
+    with pytest.raises(ValueError, match="other optimiser steps"):
+        check_same_start(a, long)
+    with pytest.raises(ValueError, match="needs a fine-tune and a control"):
+        check_same_start(a, a)
+    tampered = {**good, "start_sha256": "0" * 64}
+    with pytest.raises(ValueError, match="start_sha256"):
+        check_same_start(a, tampered)
+
+
+def test_a_gav_control_builds_the_same_residual_and_trains_only_it(tiny_store, base_ckpt, tmp_path):
+    """The control of a GAV fine-tune starts from the same base and the same fresh residual (equal
+    start_sha256) and, like the fine-tune, leaves the frozen base untouched."""
+    from flownp.jobs.finetune import check_same_start
+
+    store = Store.open(tiny_store)
+    gav = {"kind": "schur", "hidden": 8}
+    for name, control in (("ft", False), ("ctl", True)):
+        FineTuner(store, tmp_path / name, base_ckpt, FinetuneConfig(mode="gav", k_steps=2, inversion_steps=2,
+                                                                     gav=gav, control=control),
+                  tcfg(steps=2, ckpt_every=2)).run(progress=False)
+    a, b = (load_checkpoint(tmp_path / n / "last.pt") for n in ("ft", "ctl"))
+    assert a["start_sha256"] == b["start_sha256"] != a["start_base_sha256"]
+    check_same_start(a, b)
+    base = model_from_checkpoint(load_checkpoint(base_ckpt))
+    for x, y in zip(base.parameters(), model_from_checkpoint(b, ema=False).base.parameters()):
+        assert torch.equal(x, y)

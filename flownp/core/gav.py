@@ -3,7 +3,15 @@
     v_total(t, y | C) = v(t, y | C) + r(t, y | C),   r = H(t, C) (y - m(t, x, C)),
 
 with H (D x D, D = y_dim = 4) Hurwitz by construction and shared by every target point (block diagonal
-over points, so the model stays permutation-equivariant), and m a per-point centre. Kinds:
+over points, so the model stays permutation-equivariant), and m a per-point centre. Centres:
+- `mlp`: m = MLP(t, x, mean-pooled context summary): cannot represent a local conditional mean (one summary
+  vector for the whole context; the ablation);
+- `local`: m = a small copy of the backbone (same token encoding, a cached transformer of
+  `centre_layers` x `centre_width`) whose target tokens attend to the context (and themselves) per point:
+  a local conditional mean m(t, x | C). Its target tokens' state input is zero (the tokens carry y = 0), so m
+  does not depend on the state y and the residual's Jacobian in y stays exactly H: contracting (or Hurwitz)
+  by construction, with divergence tr H per point. Its output layer starts at zero (m = 0).
+Kinds:
 - `schur`: H = U T U^T, U orthogonal (Cayley transform of a skew matrix), T upper triangular with
   diagonal -(softplus(a) + eps): eigenvalues = diag(T) < 0, so every deviation decays (Hurwitz), but the
   symmetric part may be indefinite (transient growth is possible);
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("schur", "contracting", "mlp")
+CENTRES = ("mlp", "local")
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,9 @@ class GAVConfig:
     m = 0 (the mlp residual starts at exactly 0), so fine-tuning starts from the pretrained field;
     detach_summary: the context summary carries no gradient into the base's embedding; cayley_rank: None
     (a dense skew S in the Cayley factor) or r, S = P Q^T - Q P^T of rank <= 2r applied through
-    Sherman-Morrison-Woodbury (`lowrank_cayley_apply`), the path for states larger than FlowNP's 4 values."""
+    Sherman-Morrison-Woodbury (`lowrank_cayley_apply`), the path for states larger than FlowNP's 4 values;
+    centre: mlp (on the mean-pooled summary, the ablation) or local (a small backbone copy attending to the
+    context per target point: centre_layers layers of width centre_width with centre_heads heads)."""
 
     kind: str = "schur"
     hidden: int = 64
@@ -44,10 +55,23 @@ class GAVConfig:
     init_rate: float = 1e-3
     detach_summary: bool = True
     cayley_rank: int | None = None
+    centre: str = "mlp"
+    centre_layers: int = 2
+    centre_width: int = 32
+    centre_heads: int = 2
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"GAV kind must be one of {KINDS}, got {self.kind!r}")
+        if self.centre not in CENTRES:
+            raise ValueError(f"GAV centre must be one of {CENTRES}, got {self.centre!r}")
+        if self.centre == "local" and self.kind == "mlp":
+            raise ValueError("GAV centre 'local' needs a structured residual (schur or contracting); "
+                             "the mlp kind has no centre")
+        if self.centre_layers < 1 or self.centre_width < 1 or self.centre_heads < 1 \
+                or self.centre_width % self.centre_heads:
+            raise ValueError("centre_layers, centre_width, centre_heads must be >= 1, the width divisible "
+                             "by the heads")
         if not (self.eps > 0 and self.init_rate > 0 and self.hidden > 0):
             raise ValueError("eps, init_rate and hidden must be > 0")
         if self.cayley_rank is not None and self.cayley_rank < 1:
@@ -141,11 +165,43 @@ def context_summary(ctx: Any, detach: bool = True) -> torch.Tensor:
     return s.detach() if detach else s
 
 
+class LocalCentre(nn.Module):
+    """m(t, x | C) (B, n, D): a small copy of the backbone (`FlowNP`, arch cached, targets independent, the
+    base's token encoding) whose target tokens carry the state y = 0, so m is a function of (t, x, context)
+    only; the output layer starts at zero."""
+
+    def __init__(self, base: Any, cfg: GAVConfig) -> None:
+        super().__init__()
+        from flownp.core.config import ModelConfig
+        from flownp.core.model import FlowNP
+
+        w = cfg.centre_width
+        keep = ("encoding", "x_dim", "y_dim", "n_freqs", "space_freqs", "space_max_log2", "time_freqs")
+        self.net = FlowNP(ModelConfig(arch="cached", targets="independent", d_model=w, n_heads=cfg.centre_heads,
+                                      n_layers=cfg.centre_layers, d_ff=2 * w, embed_hidden=w,
+                                      embed_layers=min(base.embed_layers, 2), head_hidden=2 * w,
+                                      **{k: getattr(base, k) for k in keep}))
+        nn.init.zeros_(self.net.head[-1].weight)
+        nn.init.zeros_(self.net.head[-1].bias)
+
+    def encode(self, xc: torch.Tensor, yc: torch.Tensor) -> Any:
+        """The centre's own context encoding (B, n_ctx, centre_width tokens and per-layer keys/values)."""
+        return self.net.encode_context(xc, yc)
+
+    def forward(self, ctx: Any, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """m (B, n, D) for xt (B, n, x_dim), t (B, 1) or (B, n)."""
+        zero = torch.zeros(*xt.shape[:2], self.net.config.y_dim, dtype=xt.dtype, device=xt.device)
+        return self.net.velocity(ctx, xt, zero, t.expand(xt.shape[:2]))
+
+
 class GAVResidual(nn.Module):
     """r(t, x, y | summary) for target sets (B, n, ·), acting on each point separately. summary
-    (B, d_model); H depends on (t, summary), m on (t, x, summary); the mlp kind on (t, x, y, summary)."""
+    (B, d_model); H depends on (t, summary), m on (t, x, summary) (centre mlp) or on (t, x, context) through
+    the local centre's context encoding `centre_ctx`; the mlp kind on (t, x, y, summary). base_config: the
+    backbone's ModelConfig (needed by the local centre, which copies its encoding)."""
 
-    def __init__(self, cfg: GAVConfig, d_model: int, x_dim: int = 2, y_dim: int = 4) -> None:
+    def __init__(self, cfg: GAVConfig, d_model: int, x_dim: int = 2, y_dim: int = 4,
+                 base_config: Any = None) -> None:
         super().__init__()
         self.cfg, self.y_dim = cfg, y_dim
         dd = y_dim * y_dim
@@ -160,7 +216,12 @@ class GAVResidual(nn.Module):
         rate = torch.tensor(max(cfg.init_rate - cfg.eps, 1e-8), dtype=torch.float64)
         self.h_bias = nn.Parameter(torch.cat([torch.zeros(2 * dd, dtype=torch.float64),
                                               torch.log(torch.expm1(rate)).expand(y_dim)]).float())
-        self.m_net = _mlp(d_model + 1 + x_dim, cfg.hidden, y_dim)
+        if cfg.centre == "local":
+            if base_config is None:
+                raise ValueError("the local GAV centre needs the backbone's ModelConfig (base_config)")
+            self.local = LocalCentre(base_config, cfg)
+        else:
+            self.m_net = _mlp(d_model + 1 + x_dim, cfg.hidden, y_dim)
 
     @staticmethod
     def _cond(summary: torch.Tensor, t: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
@@ -180,17 +241,27 @@ class GAVResidual(nn.Module):
                 return hurwitz_schur(m1, m2, diag, self.cfg.eps, self.cfg.cayley_rank)
             return contracting(m1, diag, m2, self.cfg.eps, self.cfg.cayley_rank)
 
-    def centre(self, summary: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """m (B, n, D) for xt (B, n, x_dim) and t (B, k)."""
+    def centre(self, summary: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+               centre_ctx: Any = None) -> torch.Tensor:
+        """m (B, n, D) for xt (B, n, x_dim) and t (B, k); the local centre needs its context encoding
+        `centre_ctx` (LocalCentre.encode)."""
+        if self.cfg.centre == "local":
+            if centre_ctx is None:
+                raise ValueError("the local GAV centre needs its context encoding (centre_ctx)")
+            return self.local(centre_ctx, xt, t)
         return self.m_net(self._cond(summary, t.expand(xt.shape[:2]), xt))
 
+    def encode_centre(self, xc: torch.Tensor, yc: torch.Tensor) -> Any:
+        """The local centre's context encoding (None for the mlp centre)."""
+        return self.local.encode(xc, yc) if self.cfg.centre == "local" else None
+
     def forward(self, summary: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
-                t: torch.Tensor | float) -> torch.Tensor:
+                t: torch.Tensor | float, centre_ctx: Any = None) -> torch.Tensor:
         """r (B, n, D) for summary (B, d_model), xt (B, n, x_dim), yt (B, n, D)."""
         t = flow_times(t, yt)
         if self.cfg.kind == "mlp":
             return self.net(self._cond(summary, t.expand(yt.shape[:2]), xt, yt))
-        dev = yt - self.centre(summary, xt, t)
+        dev = yt - self.centre(summary, xt, t, centre_ctx)
         h = self.matrix(summary, t)  # (B, k, D, D), broadcast over the n points
         with torch.autocast(yt.device.type, enabled=False):
             return (h @ dev.to(h.dtype).unsqueeze(-1)).squeeze(-1)
@@ -219,14 +290,17 @@ class GAVResidual(nn.Module):
 # ---- base + residual ----------------------------------------------------------------------------
 @dataclass
 class GAVContext:
-    """The base model's Context and the residual's context summary (B, d_model)."""
+    """The base model's Context, the residual's context summary (B, d_model) and, for the local centre,
+    its own context encoding (a Context of the centre's small backbone; None for the mlp centre)."""
 
     base: Any               # flownp.core.model.Context
     summary: torch.Tensor
+    centre: Any = None
 
     def repeat(self, n: int) -> "GAVContext":
         """The same context for n samples per task: B -> B * n (sample index fastest), as Context.repeat."""
-        return GAVContext(self.base.repeat(n), self.summary.repeat_interleave(n, dim=0))
+        return GAVContext(self.base.repeat(n), self.summary.repeat_interleave(n, dim=0),
+                          None if self.centre is None else self.centre.repeat(n))
 
 
 class GAVFlowNP(nn.Module):
@@ -238,7 +312,7 @@ class GAVFlowNP(nn.Module):
         self.base, self.gav_config = base, cfg or GAVConfig()
         self.base.requires_grad_(train_base)
         c = base.config
-        self.residual = GAVResidual(self.gav_config, c.d_model, c.x_dim, c.y_dim)
+        self.residual = GAVResidual(self.gav_config, c.d_model, c.x_dim, c.y_dim, base_config=c)
 
     @property
     def config(self) -> Any:
@@ -259,12 +333,13 @@ class GAVFlowNP(nn.Module):
 
     def encode_context(self, xc: torch.Tensor, yc: torch.Tensor) -> GAVContext:
         ctx = self.base.encode_context(xc, yc)
-        return GAVContext(ctx, context_summary(ctx, self.gav_config.detach_summary))
+        return GAVContext(ctx, context_summary(ctx, self.gav_config.detach_summary),
+                          self.residual.encode_centre(xc, yc))
 
     def residual_velocity(self, ctx: GAVContext, xt: torch.Tensor, yt: torch.Tensor,
                           t: torch.Tensor | float) -> torch.Tensor:
         """r (B, n, D)."""
-        return self.residual(ctx.summary, xt, yt, t)
+        return self.residual(ctx.summary, xt, yt, t, ctx.centre)
 
     def residual_divergence(self, ctx: GAVContext, yt: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor | None:
         """(B,) exact divergence of the residual summed over the targets yt (B, n, D) (sum of tr H), or None

@@ -169,6 +169,12 @@ def evaluate(
     samples: Annotated[int, typer.Option(help="Samples per task for RMSE/CRPS/coverage (0: none).")] = 16,
     ll_solver: Annotated[str, typer.Option(help="Likelihood solver, e.g. midpoint:100, rk4:32, dopri5:1e-5.")] = "midpoint:100",
     sample_solver: Annotated[str, typer.Option(help="Sampling solver, e.g. euler:16.")] = "euler:16",
+    ll_solver_also: Annotated[Optional[list[str]], typer.Option(
+        help="Also the likelihood with this solver, e.g. euler:16 (repeatable): reported per solver in "
+             "tar_ll_by_solver, never mixed with --ll-solver's tar_ll.")] = None,
+    gauss_samples: Annotated[int, typer.Option(
+        help="Samples per task for the Gaussian-fit score gauss_ll (a per-point Gaussian fitted to them; "
+             "TNP-pytorch convention; 0: off).")] = 0,
     probes: Annotated[int, typer.Option(help="Hutchinson probes.")] = 1,
     exact: Annotated[bool, typer.Option("--exact/--no-exact",
         help="Also the exact-trace likelihood (independent-target models; costs y_dim VJPs per step).")] = True,
@@ -198,7 +204,8 @@ def evaluate(
                                   plot_index=plot_task,
                                   progress=not quiet, device=device,
                                   context_noise=tuple(context_noise or ()),
-                                  sweep=tuple(int(k) for k in steps_sweep.split(",")) if steps_sweep else ())
+                                  sweep=tuple(int(k) for k in steps_sweep.split(",")) if steps_sweep else (),
+                                  also_ll_solvers=tuple(ll_solver_also or ()), gauss_samples=gauss_samples)
     except (ValueError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
@@ -212,6 +219,13 @@ def evaluate(
             r = res[key]
             typer.echo(f"{r['predictor']['name']:>22}: tar_ll {r['tar_ll']:8.3f} nats/point "
                        f"({r['predictor']['ll_kind']}), rmse {r.get('rmse', {})}")
+    for spec, r in res.get("tar_ll_by_solver", {}).items():
+        typer.echo(f"{'tar_ll @ ' + spec:>22}: {r['tar_ll']:8.3f} nats/point ({r['ll_solver']})")
+    for key in ("flownp", "oracle"):
+        if "gauss_ll" in res.get(key, {}):
+            r = res[key]
+            typer.echo(f"{r['predictor']['name'] + ' gauss_ll':>22}: {r['gauss_ll']:8.3f} nats/point (Gaussian "
+                       f"fitted to {r['gauss_ll_samples']} samples per point; marginal)")
     for spec, r in res.get("robustness", {}).items():
         typer.echo(f"{'context ' + spec:>22}: tar_ll {r['tar_ll']:8.3f} (drop {r['tar_ll_drop']:.3f}), "
                    f"rmse ratio {r.get('rmse_ratio', {})}")

@@ -11,6 +11,7 @@ result names them in `ll_units`. RMSE and CRPS per variable in kPa, degC, m/s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass, field
@@ -110,23 +111,41 @@ class _Acc:
     cover50: np.ndarray = field(default_factory=lambda: np.zeros(4))
     cover90: np.ndarray = field(default_factory=lambda: np.zeros(4))
     count: int = 0
+    gauss_batch_means: list[float] = field(default_factory=list)
+
+
+def gaussian_fit_log_score(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """log N(truth; mean, std^2) summed over variables, with mean and unbiased std of the samples per target
+    point and variable (the TNP-pytorch convention). samples (B, S, n, D), truth (B, n, D) -> (B, n) nats."""
+    mu, sd = samples.mean(1), samples.std(1)
+    z = (truth - mu) / sd
+    return (-0.5 * z.pow(2) - sd.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
 def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer: Normalizer, *,
-                       n_samples: int = 16, seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Metrics of one predictor over batches (normalised tasks). n_samples = 0 skips sample metrics."""
+                       n_samples: int = 16, seed: int = 0, progress: bool = False,
+                       gauss_samples: int = 0) -> dict[str, Any]:
+    """Metrics of one predictor over batches (normalised tasks). n_samples = 0 skips sample metrics;
+    gauss_samples > 0 adds the Gaussian-fit score `gauss_ll` of that many samples (the sample metrics' own
+    samples when the counts are equal, else a separate draw, so the sample metrics do not change)."""
     from tqdm.auto import tqdm
 
     acc = _Acc()
     mean = torch.tensor(normalizer.mean, dtype=torch.float32)
     std = torch.tensor(normalizer.std, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
+    gauss_gen = torch.Generator().manual_seed(seed + 1)
+    can_sample = getattr(pred, "can_sample", True)
     for batch in tqdm(list(batches), desc=f"evaluate {pred.name}", disable=not progress):
         ll = pred.log_likelihood(batch).detach().double() / batch.xt.shape[1]
         acc.ll_tasks += ll.tolist()
         acc.ll_batch_means.append(float(ll.mean()))
-        if n_samples and getattr(pred, "can_sample", True):
-            smp = pred.sample(batch, n_samples, gen).float() * std + mean  # physical units
+        raw = pred.sample(batch, n_samples, gen).float() if n_samples and can_sample else None
+        if gauss_samples and can_sample:
+            g = raw if gauss_samples == n_samples else pred.sample(batch, gauss_samples, gauss_gen).float()
+            acc.gauss_batch_means.append(float(gaussian_fit_log_score(g.double(), batch.yt.double()).mean()))
+        if raw is not None:
+            smp = raw * std + mean  # physical units
             truth = batch.yt.float() * std + mean
             err = smp.mean(1) - truth
             acc.sse += err.pow(2).sum((0, 1)).double().numpy()
@@ -159,6 +178,15 @@ def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer
             "coverage90": dict(zip(NAMES, (acc.cover90 / n).tolist())),
             "units": model_units(),
         })
+    if acc.gauss_batch_means:
+        g = float(np.mean(acc.gauss_batch_means))
+        out.update({
+            "gauss_ll": g, "gauss_ll_era5": g + log_jacobian(normalizer, "era5"), "gauss_ll_samples": gauss_samples,
+            "gauss_ll_units": f"nats per target point, 4 variables summed, normalised (gauss_ll_era5: ERA5 units); "
+                              f"the truth's log density under a Gaussian per target point and variable fitted to "
+                              f"{gauss_samples} samples (mean, unbiased std; TNP-pytorch convention): a marginal "
+                              "score of the sampler, not the model's joint density; mean of batch means",
+        })
     return out
 
 
@@ -189,9 +217,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
                         oracle: bool = True, baselines: tuple[str, ...] = (), plot: str | None = None,
                         plot_index: int = 0, progress: bool = True, device: str = "cpu",
                         context_noise: tuple[str, ...] = (), sweep: tuple[int, ...] = (),
-                        sweep_samples: int = 4) -> dict[str, Any]:
+                        sweep_samples: int = 4, also_ll_solvers: tuple[str, ...] = (),
+                        gauss_samples: int = 0) -> dict[str, Any]:
     """The `flownp evaluate` job: metrics of a checkpoint (and optionally the oracle and baselines) on
-    a frozen evaluation set; with `context_noise` the same metrics on corrupted contexts and their drop,
+    a frozen evaluation set; `tar_ll_by_solver` holds the likelihood at `ll_solver` (the primary, which
+    `tar_ll` and every comparison use) and at each of `also_ll_solvers`, one labelled entry per solver, never
+    averaged together; `gauss_samples` > 0 adds the Gaussian-fit score `gauss_ll` (FlowNP and the oracle);
+    with `context_noise` the same metrics on corrupted contexts and their drop,
     with `sweep` the Euler-K sample error against a dopri5 solve; with `plot` a PNG of task `plot_index` of
     the evaluation set (in the set's order). Returns a JSON-serialisable dict."""
     from flownp.checkpoint import load_checkpoint, model_from_checkpoint
@@ -202,6 +234,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
         parse_noise(spec)  # refuse a bad spec before any work
     if any(k < 1 for k in sweep):
         raise ValueError(f"steps sweep needs positive step counts, got {sweep}")
+    solvers = {spec: parse_solver(spec) for spec in (ll_solver, *also_ll_solvers)}  # refuse a bad spec now
+    if gauss_samples == 1 or gauss_samples < 0:
+        raise ValueError("gauss_samples must be 0 (off) or >= 2 (a std needs two samples)")
 
     store = Store.open(data)
     ck = load_checkpoint(checkpoint)
@@ -227,10 +262,17 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
         "normaliser": normalizer.to_dict(), "normaliser_note": store_note,
         "float16_parity": False,
     }
-    pred = FlowNPPredictor(model, parse_solver(ll_solver), parse_solver(sample_solver), "hutchinson",
+    pred = FlowNPPredictor(model, solvers[ll_solver], parse_solver(sample_solver), "hutchinson",
                            n_probes, seed)
     result["flownp"] = evaluate_predictor(pred, batches(), normalizer, n_samples=n_samples, seed=seed,
-                                          progress=progress)
+                                          progress=progress, gauss_samples=gauss_samples)
+    result["tar_ll_by_solver"] = {ll_solver: ll_entry(result["flownp"], primary=True)}
+    for spec in also_ll_solvers:
+        if spec in result["tar_ll_by_solver"]:
+            continue
+        other = dataclasses.replace(pred, ll_solver=solvers[spec])
+        result["tar_ll_by_solver"][spec] = ll_entry(evaluate_predictor(other, batches(), normalizer, n_samples=0,
+                                                                       progress=progress), primary=False)
     if exact and model.config.targets == "independent":
         ex = FlowNPPredictor(model, parse_solver(ll_solver), parse_solver(sample_solver), "auto", 1, seed,
                              name="FlowNP (exact trace)")
@@ -242,8 +284,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
 
         orc = (OraclePredictor(gp, normalizer) if gp is not None
                else PriorOraclePredictor.from_law(syn, times, normalizer))
-        result["oracle"] = evaluate_predictor(orc, batches(), normalizer,
-                                              n_samples=n_samples, seed=seed, progress=progress)
+        result["oracle"] = evaluate_predictor(orc, batches(), normalizer, n_samples=n_samples, seed=seed,
+                                              progress=progress, gauss_samples=gauss_samples)
         result["gap_to_oracle"] = result["oracle"]["tar_ll"] - result["flownp"]["tar_ll"]
     for b in baselines:
         p = make_baseline(b)
@@ -270,6 +312,14 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", eval
         result["plot"] = plot
         result["plot_task"] = {"index": i, "time": when, "n_ctx": int(es.n_ctx[i])}
     return result
+
+
+def ll_entry(res: dict[str, Any], primary: bool) -> dict[str, Any]:
+    """One solver's likelihood from an evaluate_predictor result, labelled with its solver and estimator."""
+    p = res["predictor"]
+    return {"tar_ll": res["tar_ll"], "tar_ll_stderr": res["tar_ll_stderr"], "tar_ll_era5": res["tar_ll_era5"],
+            "ll_solver": p["ll_solver"], "estimator": p["estimator"], "n_probes": p["n_probes"],
+            "primary": primary, "units": res["tar_ll_units"]}
 
 
 def baseline_key(spec: str) -> str:

@@ -10,11 +10,17 @@ torchdiffeq's adjoint Euler, memory-light, re-encoding the context at every step
 negative log-likelihood of x1 under N(xhat, diag(sigma^2)) per element, sigma fixed or learned per
 variable, plus an optional flow-matching regulariser. Everything else (warm-up then constant learning
 rate, EMA, clipping, resume, checkpoints) is the pretraining loop's.
-Run: `flownp finetune --from RUN/best.pt --data STORE --out FT [--mode gav]`.
+`control=True` makes the same run the fine-tune's continued-pretraining control at equal compute: the same
+starting weights (the same model build: the base, or base + the same fresh residual), optimiser steps, batch,
+task stream and learning rate, with the flow-matching objective instead of the reconstruction. Both record the
+hashes of their starting weights (`start_sha256`, `start_base_sha256`); `check_same_start` refuses to pair a
+fine-tune with a control that started elsewhere.
+Run: `flownp finetune --from RUN/best.pt --data STORE --out FT [--mode gav] [--control]`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,7 @@ from flownp.checkpoint import lineage_n_ctx_min, load_checkpoint, model_from_che
 from flownp.jobs.distributed import init_from_env, rank_device
 from flownp.core.paths import flow_matching_loss
 from flownp.core.solvers import SolverConfig, solve
-from flownp.jobs.train import TrainConfig, Trainer, flow_space, model_path, validation_loss
+from flownp.jobs.train import TrainConfig, Trainer, flow_space, fm_loss, model_path, validation_loss
 from ingest.configs import DictConfig
 from ingest.io import sha256_file
 from ingest.store import Store
@@ -49,7 +55,8 @@ FINETUNE_TRAIN_DEFAULTS: dict[str, Any] = {"steps": 500, "batch_size": 8, "lr": 
 class FinetuneConfig(DictConfig):
     """What fine-tuning does (the optimiser settings are a TrainConfig). sigma (and the logged recon_mse)
     are in the flow's units: normalised, or, for a model with a per-task transform (docs/protocol.md §10),
-    its whitened targets."""
+    its whitened targets. control: train the same model by flow matching instead (the fine-tune's
+    continued-pretraining control; coupling, k_steps, sigma and cfm_weight are then unused)."""
 
     mode: str = "mle"
     coupling: str = "inversion"
@@ -61,6 +68,7 @@ class FinetuneConfig(DictConfig):
     grad: str = "backprop"
     train_base: bool = False
     gav: dict[str, Any] | None = None
+    control: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("mode", self.mode, MODES), ("coupling", self.coupling, COUPLINGS),
@@ -127,6 +135,43 @@ class Reconstruction(nn.Module):
         return nll + cfg.cfm_weight * cfm, mse.detach(), cfm.detach()
 
 
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values (in name order): equal iff the weights are."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+#: what a fine-tune and its control must share (train_config fields): the optimiser steps, the batch and the
+#: task stream (the sampler is a function of the seed, the context and target sizes and the batch size)
+PAIRED_TRAIN_FIELDS = ("steps", "batch_size", "n_ctx_min", "n_ctx_max", "n_tgt", "seed")
+
+
+def check_same_start(finetune_ckpt: dict[str, Any], control_ckpt: dict[str, Any]) -> None:
+    """Refuse (ValueError) to pair a fine-tune with a control that did not start from the same pretrained
+    weights (`start_base_sha256`; and, for a control of the same model build, `start_sha256`), or that ran
+    other optimiser steps, batches or task stream, or that is not a control at all."""
+    ft, ctl = finetune_ckpt.get("finetune_config") or {}, control_ckpt.get("finetune_config") or {}
+    if ft.get("control") or not ctl.get("control"):
+        raise ValueError("check_same_start needs a fine-tune and a control (finetune_config.control)")
+    for key in ("start_base_sha256",):
+        a, b = finetune_ckpt.get(key), control_ckpt.get(key)
+        if a is None or a != b:
+            raise ValueError(f"the control did not start from the fine-tune's weights ({key}: "
+                             f"{str(a)[:12]}... vs {str(b)[:12]}...)")
+    if ft.get("mode") == ctl.get("mode") and ft.get("gav") == ctl.get("gav") and \
+            finetune_ckpt.get("start_sha256") != control_ckpt.get("start_sha256"):
+        raise ValueError("the control builds the same model as the fine-tune but started from other weights "
+                         "(start_sha256 differs)")
+    ta, tb = finetune_ckpt.get("train_config") or {}, control_ckpt.get("train_config") or {}
+    diff = [k for k in PAIRED_TRAIN_FIELDS if ta.get(k) != tb.get(k)]
+    if diff or finetune_ckpt.get("step") != control_ckpt.get("step"):
+        raise ValueError(f"the control ran other optimiser steps or tasks than the fine-tune: {diff or ['step']}")
+
+
 def build_finetune_model(base: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     """The model fine-tuning trains: the base itself (mle) or base + GAV residual (gav)."""
     if cfg.mode == "mle":
@@ -163,10 +208,14 @@ class FineTuner(Trainer):
             base.requires_grad_(True)  # MLE fine-tuning of a GAV model tunes all of it
         # the coupling's frozen copy of the pretrained field
         self.frozen = model_from_checkpoint(self.base_ckpt).to(self.cfg.device).requires_grad_(False)
+        self.start_base_sha256 = state_dict_sha256(base.state_dict())  # the pretrained weights as loaded
         model = build_finetune_model(base, self.ft)
-        return model, self.objective_fn, "finetune"
+        self.start_sha256 = state_dict_sha256(model.state_dict())  # everything the run trains, at step 0
+        return model, (fm_loss if self.ft.control else self.objective_fn), "finetune"
 
     def training_module(self) -> nn.Module:
+        if self.ft.control:  # flow matching: the model itself, as in pretraining
+            return self.model
         return Reconstruction(self.model, self.ft, self.model.config.y_dim)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -174,7 +223,7 @@ class FineTuner(Trainer):
         100x the model's learning rate (at fine-tuning rates sigma would otherwise barely move)."""
         model = [p for p in self.model.parameters() if p.requires_grad]
         groups: list[dict[str, Any]] = [{"params": model}]
-        if self.module.log_sigma.requires_grad:
+        if not self.ft.control and self.module.log_sigma.requires_grad:
             groups.append({"params": [self.module.log_sigma], "weight_decay": 0.0, "lr_scale": 100.0})
         return groups
 
@@ -192,12 +241,16 @@ class FineTuner(Trainer):
         return loss.float()
 
     def validate(self) -> float:
+        if self.ft.control:  # the flow-matching loss, as pretraining validates
+            return super().validate()
         view = Reconstruction(self.ema, self.ft, self.model.config.y_dim, self.module.log_sigma)
         return validation_loss(view, self.val_sampler, self.cfg.val_batches, str(self.device), self.cfg.seed,
                                self.objective_fn)
 
     def train_step(self) -> dict[str, float]:
         rec = super().train_step()
+        if self.ft.control:
+            return rec
         return {**rec, **self.last_parts, "sigma": self.module.log_sigma.exp().tolist()}
 
     def payload(self) -> dict[str, Any]:
@@ -208,7 +261,9 @@ class FineTuner(Trainer):
             p["gav_config"] = gav.to_dict()
         base_min = lineage_n_ctx_min(self.base_ckpt)
         p.update({
-            "finetune_config": self.ft.to_dict(), "log_sigma": self.module.log_sigma.detach().cpu(),
+            "finetune_config": self.ft.to_dict(),
+            "log_sigma": None if self.ft.control else self.module.log_sigma.detach().cpu(),
+            "start_sha256": self.start_sha256, "start_base_sha256": self.start_base_sha256,
             "base_checkpoint": {"path": str(self.base_path), "sha256": self.base_sha256,
                                 "kind": self.base_ckpt.get("kind"), "step": self.base_ckpt.get("step"),
                                 "n_ctx_min": base_min},
@@ -225,9 +280,12 @@ class FineTuner(Trainer):
         if ck.get("base_checkpoint", {}).get("sha256") != self.base_sha256:
             raise ValueError(f"{path} was fine-tuned from another base than {self.base_path} (its sha256 "
                              "changed); start a new run directory")
+        if ck.get("start_sha256", self.start_sha256) != self.start_sha256:
+            raise ValueError(f"{path} started from other weights than this run builds (start_sha256 differs)")
         super().resume(path)
-        with torch.no_grad():
-            self.module.log_sigma.copy_(ck["log_sigma"])
+        if ck.get("log_sigma") is not None:
+            with torch.no_grad():
+                self.module.log_sigma.copy_(ck["log_sigma"])
 
 
 def finetune(base: str | Path, data: str | Path, out: str | Path, ft: FinetuneConfig | None = None,

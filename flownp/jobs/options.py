@@ -37,7 +37,12 @@ HELP: dict[str, str] = {  # option help; a field without an entry is described b
     "sigma": "Observation std (normalised units); initial if learned.", "learn_sigma": "Learn a per-variable sigma.",
     "cfm_weight": "Weight of a flow-matching regulariser.",
     "grad": "backprop, checkpoint (less memory) or adjoint (least).",
-    "train_base": "gav: also tune the base model.", "gav_kind": "gav: schur (Hurwitz), contracting, or mlp (ablation).",
+    "train_base": "gav: also tune the base model.",
+    "control": "The continued-pretraining control: the same model, steps and tasks, trained by flow matching.", "gav_kind": "gav: schur (Hurwitz), contracting, or mlp (ablation).",
+    "gav_centre": "gav: mlp (on the mean-pooled context summary; the ablation) or local (a small backbone copy "
+                  "attending to the context per target point).",
+    "gav_centre_layers": "gav local centre: transformer layers.", "gav_centre_width": "gav local centre: width.",
+    "gav_centre_heads": "gav local centre: attention heads.",
     "gav_cayley_rank": "gav: low-rank skew factor (rank <= 2r) through Sherman-Morrison-Woodbury; default dense.",
     "n_blocks": "LFM: sub-flows N (steps is per block).", "gamma_c": "LFM: first OU step gamma_1 = c.",
     "gamma_rho": "LFM: OU step ratio, gamma_n = c rho^(n-1).",
