@@ -21,6 +21,7 @@ ROWS = (("ref", "reference (N(0, I) base, no standardisation)"),
         ("gp", "+ GP base, residual velocity"),
         ("broad", "+ broad prior (independent targets)"),
         ("silu", "+ broad prior, SiLU head (500 steps)"),
+        ("silu2", "same, 500 more steps (cosine restarted at 5e-4)"),
         ("joint", "broad prior, joint targets"))
 VARS = ("sp", "t2m", "u10", "v10")
 
