@@ -205,10 +205,14 @@ def plot_fields(out: xr.Dataset, truth: xr.Dataset | None = None, context: xr.Da
 
 
 def calibration(out: xr.Dataset, truth: xr.Dataset, levels: tuple[float, ...] = (0.5, 0.8, 0.9)) -> xr.Dataset:
-    """Fraction of truth values inside the central `levels` intervals of the samples, per variable."""
+    """Coverage of the central `levels` intervals per variable, as rank coverage (flownp.scores.rank_coverage):
+    its mean is the level itself for calibrated samples at any sample count (the raw empirical quantile
+    interval of S samples covers about (S - 1) / (S + 1) at 90%). out has a `sample` dimension first."""
+    from flownp.scores import rank_coverage
+
     rows = {}
     for n in NAMES:
-        s, y = out[n].values, np.asarray(truth[n])
-        rows[n] = ("level", [float(np.mean((y >= np.quantile(s, (1 - q) / 2, axis=0)) &
-                                            (y <= np.quantile(s, (1 + q) / 2, axis=0)))) for q in levels])
+        s = torch.as_tensor(np.asarray(out[n].values, dtype=np.float64)).reshape(1, out.sizes["sample"], -1, 1)
+        y = torch.as_tensor(np.asarray(truth[n], dtype=np.float64)).reshape(1, -1, 1)
+        rows[n] = ("level", [float(rank_coverage(s, y, q).mean()) for q in levels])
     return xr.Dataset(rows, coords={"level": list(levels)})
