@@ -41,7 +41,8 @@ _WHY = {
     422: "Invalid request: a field (its type, range, length), or a rule across fields (equal list lengths, points "
          "inside the model's disc, at least the model's trained minimum context, distinct target points), "
          "sampler_not_offered (a sampler the model does not offer: GET /v1/models, samplers.offered), "
-         "not_applicable (solver or steps named for distilled maps), or too_costly: its estimated work (targets x samples x solver evaluations, service.admission) exceeds "
+         "not_applicable (solver or steps named for distilled maps), or too_costly: its estimated work (targets x "
+         "samples x solver evaluations, service.admission) exceeds "
          "the per-request limit.",
     500: "An internal error (logged; no details are given).",
     503: "Not ready (loading, or load_failed) or overloaded (the queue, or more requests in flight than the "
@@ -133,7 +134,8 @@ def _answer(name: str) -> dict[str, Any]:
 
 
 OK_CONTENT = {
-    ("/v1/extrapolate", "post"): {**_answer("Extrapolation"), NETCDF: {"schema": {"type": "string", "format": "binary"}}},
+    ("/v1/extrapolate", "post"): {**_answer("Extrapolation"),
+                                  NETCDF: {"schema": {"type": "string", "format": "binary"}}},
     ("/v1/log-likelihood", "post"): _answer("Score"),
     ("/v1/models", "get"): _answer("Models"),
     ("/v1/models/{version}", "get"): _answer("ModelInfo"),

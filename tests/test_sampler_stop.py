@@ -20,7 +20,7 @@ def _task(lm, with_values: bool = False) -> Task:
     r = lm.region
     idx = np.random.default_rng(0).permutation(r.n_points)
     c, t = idx[:60], idx[60:66]
-    era5 = lambda i: np.stack([np.asarray(v) for v in values(r.circle_lat[i], r.circle_lon[i]).values()], -1)  # noqa: E731
+    era5 = lambda i: np.stack(list(values(r.circle_lat[i], r.circle_lon[i]).values()), -1)  # noqa: E731
     return task(lm.space, r.circle_lat[c], r.circle_lon[c], era5(c), r.circle_lat[t], r.circle_lon[t],
                 era5(t) if with_values else None)
 

@@ -131,7 +131,8 @@ def test_the_netcdf_answer_names_the_sampler_and_the_density(client):
     assert r.status_code == 200
     ds = xr.open_dataset(io.BytesIO(r.content), engine="scipy")
     assert ds.attrs["sampler_name"] == "distilled" and ds.attrs["sampler"] == "distilled: 2 one-step maps"
-    assert ds["log_likelihood"].attrs["exact_density"] == 0 and ds["log_likelihood"].attrs["scored_by"] == "teacher (lfm)"
+    ll = ds["log_likelihood"].attrs
+    assert ll["exact_density"] == 0 and ll["scored_by"] == "teacher (lfm)"
 
 
 # ---- scoring -----------------------------------------------------------------------------------------
@@ -183,7 +184,8 @@ def test_the_deadline_stops_lfm_and_distilled_solves_inside_a_block(registry, mo
         t0 = time.monotonic()
         r = post(c, model, **extra)
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-        jobs = lambda: [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("flownp_engine_jobs ")]  # noqa: E731
+        jobs = lambda: [ln for ln in c.get("/metrics").text.splitlines()  # noqa: E731
+                        if ln.startswith("flownp_engine_jobs ")]
         assert wait_for(lambda: jobs() == ["flownp_engine_jobs 0.0"], timeout=5)
         n = len(calls)
         time.sleep(0.1)
