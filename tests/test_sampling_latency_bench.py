@@ -82,3 +82,15 @@ def test_a_study_records_the_fastest_sampler_within_the_crps_tolerance(study, tm
     lm = build_model("d", load_checkpoint(tmp_path / "d-recorded.pt"), None, "test")
     assert lm.samplers["default"] == "lfm" and lm.samplers["chosen_by"] == "recorded comparison"
     assert lm.plan().name == "lfm"
+
+
+def test_pack_records_the_default_sampler_of_a_study_next_to_the_solvers(study, tmp_path):
+    src = write_served(tiny_checkpoint("flownp"), tmp_path / "g.pt")
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    default_model_main(["pack", str(src), "--out", str(tmp_path / "packed"), "--sampler-study",
+                        str(tmp_path / "study.json")])
+    from flownp.default_model import read_manifest
+
+    man = read_manifest(tmp_path / "packed")
+    assert "solvers" in man and man["samplers"]["default"] == "ode"
+    assert set(man["samplers"]["measured"]["rows"]) == {"ode midpoint:2", "ode euler:1"}
