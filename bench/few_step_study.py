@@ -98,13 +98,12 @@ def train_competitors(a: argparse.Namespace, ck: dict[str, Any]) -> dict[str, An
     lfm_dir = a.work / "lfm"
     if not (lfm_dir / "best.pt").exists():
         t0 = time.perf_counter()
-        train_lfm(a.data, lfm_dir, mc, lfm_cfg, TrainConfig.from_dict({**tc.to_dict(), "steps": per_block,
-                                                                        "ckpt_every": 25}),
+        train_lfm(a.data, lfm_dir, mc, lfm_cfg, TrainConfig.from_dict({**tc.to_dict(), "steps": per_block}),
                   resume=True, progress=False)
         timing["lfm_s"] = time.perf_counter() - t0
     teacher = parse_solver(a.teacher)
     dcfg = TrainConfig.from_dict({**tc.to_dict(), "steps": a.distill_steps, "warmup": 20, "lr": 2e-4,
-                                  "schedule": "constant", "ckpt_every": 25})
+                                  "schedule": "constant"})
     for k in a.groups:
         for name, path, segs in (("lfm", lfm_dir / "best.pt", a.blocks), ("global", Path(a.global_), a.blocks)):
             out = a.work / f"distilled-{name}-k{k}"
