@@ -62,9 +62,9 @@ def _ll_error(model, xc, yc, xt, yt, tr, solver) -> float:
 
 
 def test_the_check_catches_a_flow_that_is_not_constant() -> None:
-    """Negative control for the test below: re-draw the default model's velocity head (its ReLU units are
-    dead in the shipped weights, docs/results.md §5.5, so the last layer alone would still give a constant),
-    and Euler 1 no longer agrees with dopri5 within the tolerance (so that test can fail)."""
+    """Negative control for the test below: re-draw the default model's velocity head (every layer, so no
+    dead unit can keep the field constant, docs/results.md §5.5), and Euler 1 no longer agrees with dopri5
+    within the tolerance (so a recorded Euler 1 could not pass that test on a flow that is not straight)."""
     lm = default_model()  # a fresh copy: nothing to restore
     xc, yc, xt, yt, tr, g = _fresh_task(lm)
     with torch.no_grad():
