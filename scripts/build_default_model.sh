@@ -9,7 +9,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$(mktemp -d)}"
 BIN="${FLOWNP_BIN:-$(dirname "$(command -v flownp)")}"
-STEPS="${STEPS:-700}"
+STEPS="${STEPS:-1800}"
 export OMP_NUM_THREADS=1
 mkdir -p "$WORK"
 [ -f "$WORK/store/manifest.json" ] || {
