@@ -8,12 +8,14 @@
 #   joint  as broad, joint targets instead of independent ones
 #   silu   as broad, with SiLU instead of ReLU in the MLPs (ModelConfig.activation; 500 steps in the run
 #          reported in docs/results.md §5.5)
+#   jsilu  as silu, joint targets (the joint-vs-independent row, both with live SiLU heads)
 #   gp0    the gp row untrained (one step at learning rate 0: the zero-initialised head keeps the flow at zero,
 #          so the model is exactly its GP base; scored with Euler 1, which is exact for a zero flow)
 # Each model is evaluated on the GP law's frozen dense / sparse sets (with the exact oracle) and on the real
 # ERA5 map's first frozen splits (bench/real_era5.py), with the same solvers for every row.
 #
 #   bash bench/ablation_study.sh [WORK_DIR] [STEPS]   (default /tmp/ablation, 1000 steps; resumable)
+#   ONLY="silu jsilu" bash bench/ablation_study.sh WORK_DIR 1000   (just those rows, one queue each, in parallel)
 #
 # Two queues of one thread each (a 2-core machine); every step is skipped when its output exists.
 # Results: WORK_DIR/results/*.json, logs WORK_DIR/*.out.
@@ -79,21 +81,36 @@ untrained_gp() {  # the GP base alone, through the same code path, scored with e
   evaluate gp0
 }
 
+row() {  # row NAME: train the row's model with its settings
+  case $1 in
+    ref) train ref store-gp --targets independent ;;
+    std) train std store-gp --targets independent --standardise context ;;
+    gp) train gp store-gp --targets independent $GPB ;;
+    broad) train broad store-broad --targets independent $GPB ;;
+    joint) train joint store-broad --targets joint $GPB ;;
+    silu) train silu store-broad --targets independent $GPB --activation silu ;;
+    jsilu) train jsilu store-broad --targets joint $GPB --activation silu ;;
+    *) echo "unknown row $1" >&2; return 2 ;;
+  esac
+}
+
 queue_a() {
-  train ref store-gp --targets independent
-  train std store-gp --targets independent --standardise context
-  train joint store-broad --targets joint $GPB
-  evaluate ref; evaluate std; evaluate joint; untrained_gp
+  row ref; row std; row joint; row jsilu
+  evaluate ref; evaluate std; evaluate joint; evaluate jsilu; untrained_gp
 }
 
 queue_b() {
-  train gp store-gp --targets independent $GPB
-  train broad store-broad --targets independent $GPB
-  train silu store-broad --targets independent $GPB --activation silu
+  row gp; row broad; row silu
   evaluate gp; evaluate broad; evaluate silu; baselines
 }
 
-queue_a > queue-a.out 2>&1 &
-queue_b > queue-b.out 2>&1 &
-wait
+if [ -n "${ONLY:-}" ]; then
+  for r in $ONLY; do (row "$r" && evaluate "$r") > "row-$r.out" 2>&1 & done
+  wait
+  baselines
+else
+  queue_a > queue-a.out 2>&1 &
+  queue_b > queue-b.out 2>&1 &
+  wait
+fi
 python "$ROOT/bench/ablation_table.py" "$W/results"

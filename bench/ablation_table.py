@@ -22,7 +22,8 @@ ROWS = (("ref", "reference (N(0, I) base, no standardisation)"),
         ("broad", "+ broad prior (independent targets)"),
         ("silu", "+ broad prior, SiLU head (500 steps)"),
         ("silu2", "same, 500 more steps (cosine restarted at 5e-4)"),
-        ("joint", "broad prior, joint targets"))
+        ("joint", "broad prior, joint targets"),
+        ("jsilu", "broad prior, SiLU head, joint targets"))
 VARS = ("sp", "t2m", "u10", "v10")
 
 

@@ -356,8 +356,10 @@ def print_tables(result: dict[str, Any], console: Any) -> None:
     console.print("units: RMSE/CRPS in Pa (sp), K (t2m), m/s (u10, v10); log-lik in nats per target point, 4 "
                   "variables summed, of the density over ERA5-unit values (model-unit kPa/degC value - ln 1000); "
                   "± is the standard error over splits. ll kinds: FlowNP joint over targets; GP joint over points, "
-                  "independent variables; IDW a sum of Gaussian marginals. Coverage from the empirical 5-95% / "
-                  "25-75% quantiles of the samples (S draws from the true law cover about (S-1)/(S+1) for 90%).")
+                  "independent variables; IDW a sum of Gaussian marginals. Coverage is rank coverage of the central "
+                  "90% / 50% intervals (flownp.scores: exactly nominal in expectation for calibrated samples at "
+                  "any sample count S; the empirical 5-95% quantile interval of S true draws covers only about "
+                  "(S-1)/(S+1)).")
     console.print(f"splits: {result['manifest_note']} (file sha256 {result['manifest']['file_sha256'][:12]}..., "
                   f"seed {result['manifest']['seed']})")
 

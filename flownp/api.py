@@ -3,8 +3,9 @@
     from flownp.api import Extrapolator
     ex = Extrapolator.from_registry("registry")            # or .from_checkpoint("run/best.pt"), .from_default()
     ctx = ex.circle_dataset(values, index)                  # or any Dataset with latitude/longitude
-    out = ex.extrapolate(ctx, targets="circle", num_samples=16)
+    out = ex.extrapolate(ctx, targets="circle", num_samples=16)   # the model's default sampler
     out.t2m.mean("sample"); out.log_likelihood
+    ex.samplers["offered"]; ex.extrapolate(ctx, sampler="distilled")  # "ode", "lfm", "distilled": what it offers
 
 Datasets have one dimension `point` with coordinates `latitude`, `longitude` (degrees north / east,
 -180..180) and data variables `sp` [Pa], `t2m` [K], `u10`, `v10` [m s-1] (ERA5 units). Points must lie in
@@ -13,7 +14,9 @@ fewest the model was trained on in any stage. This module is a thin xarray face 
 (the loaded model, sampling, log-likelihoods) and `ingest.space.ModelSpace` (every conversion, the region
 and range checks, the circle targets): the service calls the same two, so both answer the same. Domain
 errors are `ingest.space.DomainError` (a ValueError, with the service's 422 code). Log-likelihoods are in
-nats over ERA5 units (a density over Pa, K, m s-1), labelled in their `units` attribute (docs/protocol.md §6).
+nats over ERA5 units (a density over Pa, K, m s-1), labelled in their `units` attribute (docs/protocol.md §6),
+and say who scored them (`scored_by`) and whether they are the samples' exact density (`exact_density`: 0
+for a distilled sampler's samples, scored by its teacher).
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class Extrapolator:
         lm = inference.build_model(version, ck, digest, "registry")
         return cls(lm, {"checkpoint": str(Path(root) / "versions" / version / "model.pt"), "kind": ck.get("kind"),
                         "step": ck.get("step"), "version": version})
+
+    @property
+    def samplers(self) -> dict[str, Any]:
+        """What the model offers (`offered`), its `default` and how it was chosen (flownp.samplers.manifest)."""
+        return self.loaded.samplers
 
     # ---- conversions (all through the ModelSpace) ----------------------------------------------
     @staticmethod
@@ -143,18 +151,24 @@ class Extrapolator:
     @torch.no_grad()
     def extrapolate(self, context: xr.Dataset, targets: xr.Dataset | str = "circle", *, num_samples: int = 8,
                     solver: str | None = None, seed: int = 0, with_log_likelihood: bool = True,
-                    ll_solver: str | None = None) -> xr.Dataset:
+                    ll_solver: str | None = None, sampler: str | None = None) -> xr.Dataset:
         """Samples (sample, point) of the four variables at the targets, in ERA5 units, with each sample's
-        joint log-likelihood given the context (nats over ERA5 units: its `units` attribute). Solvers
-        ('euler:16', 'midpoint:50', ...): by default the model's measured ones (its manifest's `solvers`),
-        else Euler 16 for sampling and midpoint 50 for the likelihoods."""
+        joint log-likelihood given the context (nats over ERA5 units: its `units` attribute). `sampler`: 'ode',
+        'lfm' or 'distilled', one the model offers (`samplers`; else DomainError sampler_not_offered); None:
+        its default. Solvers ('euler:16', 'midpoint:50', ...; per block for 'lfm', none for 'distilled'): by
+        default the model's measured ones (its manifest's `solvers`), else Euler 16 for sampling and midpoint
+        50 for the likelihoods."""
         self._check_context_size(context)
+        plan = self.loaded.plan(sampler)
+        if solver and not plan.uses_solver:
+            raise DomainError("not_applicable", f"sampler 'distilled' runs {plan.maps} one-step map(s) and takes "
+                              "no solver")
         tg = self._targets(context, targets)
         task = self._task(context, tg)
         smp = parse_solver(solver) if solver else self.loaded.solver("sample", parse_solver("euler:16"))
         lls = parse_solver(ll_solver) if ll_solver else self.loaded.solver("log_likelihood", parse_solver("midpoint:50"))
-        res = inference.extrapolate(self.loaded, task, num_samples=num_samples, solver=smp,
-                                    seed=seed, with_ll=with_log_likelihood, ll_solver=lls, estimator="auto")
+        res = inference.extrapolate(self.loaded, task, num_samples=num_samples, solver=smp, seed=seed,
+                                    with_ll=with_log_likelihood, ll_solver=lls, estimator="auto", sampler=plan.name)
         out = tg[["latitude", "longitude"]].copy()
         for j, n in enumerate(NAMES):
             out[n] = (("sample", "point"), res["samples"][..., j], {"units": BY_NAME[n].era5_units})
@@ -162,15 +176,22 @@ class Extrapolator:
             ll = res["ll"]
             out["log_likelihood"] = ("sample", ll["joint"], {"units": "nats", "density_units": LL_UNITS,
                                                              "kind": LL_KIND, "estimator": ll["estimator"],
-                                                             "solver": ll["solver"]})
-        out.attrs.update({"sampler": smp.describe(), "seed": seed, "n_context": int(task.xc.shape[1]),
+                                                             "solver": ll["solver"],
+                                                             "exact_density": int(ll["exact_density"]),
+                                                             "scored_by": ll["scored_by"]})
+        used = res["sampler"]
+        what = (f"{used['maps']} one-step maps" if used["maps"] is not None else
+                smp.describe() + (f" per block, {used['blocks']} blocks" if used["blocks"] > 1 else ""))
+        out.attrs.update({"sampler": f"{plan.name}: {what}", "sampler_name": plan.name, "nfe": int(res["nfe"]),
+                          "exact_density": int(plan.exact_density), "seed": seed, "n_context": int(task.xc.shape[1]),
                           "model": str(self.meta.get("version") or self.meta.get("checkpoint", ""))})
         return out
 
     def log_likelihood(self, context: xr.Dataset, observed: xr.Dataset, *, solver: str | None = None,
                        estimator: str = "auto", n_probes: int = 1) -> xr.Dataset:
         """Joint log-likelihood (nats over ERA5 units) of observed values at their points given the context
-        (solver: by default the model's measured one, else midpoint 100)."""
+        (solver: by default the model's measured one, else midpoint 100; per block for an LFM). A distilled
+        model is scored by its teacher (attrs `scored_by`, `exact_density` 0)."""
         task = self._task(context, observed, with_values=True)
         sol = parse_solver(solver) if solver else self.loaded.solver("log_likelihood", parse_solver("midpoint:100"))
         res = inference.log_likelihood(self.loaded, task, solver=sol, estimator=estimator, n_probes=n_probes)
@@ -179,7 +200,8 @@ class Extrapolator:
         return xr.Dataset({"log_likelihood": ((), joint, {**attrs, "kind": LL_KIND}),
                            "log_likelihood_per_point": ((), joint / n, attrs)},
                           attrs={"estimator": res["estimator"], "solver": res["solver"], "n_probes": res["n_probes"],
-                                 "units": LL_UNITS})
+                                 "units": LL_UNITS, "scored_by": res["scored_by"],
+                                 "exact_density": int(res["exact_density"])})
 
 
 def plot_fields(out: xr.Dataset, truth: xr.Dataset | None = None, context: xr.Dataset | None = None,
@@ -205,10 +227,14 @@ def plot_fields(out: xr.Dataset, truth: xr.Dataset | None = None, context: xr.Da
 
 
 def calibration(out: xr.Dataset, truth: xr.Dataset, levels: tuple[float, ...] = (0.5, 0.8, 0.9)) -> xr.Dataset:
-    """Fraction of truth values inside the central `levels` intervals of the samples, per variable."""
+    """Coverage of the central `levels` intervals per variable, as rank coverage (flownp.scores.rank_coverage):
+    its mean is the level itself for calibrated samples at any sample count (the raw empirical quantile
+    interval of S samples covers about (S - 1) / (S + 1) at 90%). out has a `sample` dimension first."""
+    from flownp.scores import rank_coverage
+
     rows = {}
     for n in NAMES:
-        s, y = out[n].values, np.asarray(truth[n])
-        rows[n] = ("level", [float(np.mean((y >= np.quantile(s, (1 - q) / 2, axis=0)) &
-                                            (y <= np.quantile(s, (1 + q) / 2, axis=0)))) for q in levels])
+        s = torch.as_tensor(np.asarray(out[n].values, dtype=np.float64)).reshape(1, out.sizes["sample"], -1, 1)
+        y = torch.as_tensor(np.asarray(truth[n], dtype=np.float64)).reshape(1, -1, 1)
+        rows[n] = ("level", [float(rank_coverage(s, y, q).mean()) for q in levels])
     return xr.Dataset(rows, coords={"level": list(levels)})

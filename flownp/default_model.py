@@ -81,13 +81,38 @@ def choose_solvers(study: dict[str, Any], ll_tol: float = LL_TOLERANCE,
                          if sample else None}}
 
 
+# what a sampler may cost in accuracy to become a model's default: its CRPS over the global ODE's at 100
+# midpoint steps (bench/sampling_latency.py, averaged over the 4 variables), the issue's "within 5%"
+CRPS_RATIO_TOLERANCE = 1.05
+
+
+def choose_sampler(study: dict[str, Any], model: str, offered: list[str] | tuple[str, ...],
+                   crps_tol: float = CRPS_RATIO_TOLERANCE) -> dict[str, Any] | None:
+    """A model's default sampler from a bench/sampling_latency.py JSON: of the rows of `model` (its name in
+    the study) whose sampler it offers, the fastest (p50) with a CRPS ratio <= `crps_tol`; None when no row
+    qualifies (the kind's natural sampler then applies). The measurement travels with the choice, in the
+    form `flownp.samplers.manifest` reads (`default`, `measured`)."""
+    rows = [r for r in study.get("rows", []) if r.get("model") == model and r.get("sampler") in offered]
+    ok = [r for r in rows if r["crps_ratio"] <= crps_tol]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["p50_s"])
+    label = lambda r: f"{r['sampler']} {r['solver'] or str(r['maps']) + ' maps'}"  # noqa: E731
+    return {"default": best["sampler"],
+            "measured": {"by": "bench/sampling_latency.py", "task": study.get("task"),
+                         "reference": study.get("reference", {}).get("solver"), "tolerance": {"crps_ratio": crps_tol},
+                         "chosen": label(best),
+                         "rows": {label(r): {k: r[k] for k in ("nfe", "p50_s", "p50_ratio", "crps_ratio")}
+                                  for r in rows}}}
+
+
 def pack(run_checkpoint: Path, out: Path, recipe: str, *, trained_on: str = TRAINED_ON,
          description: str = DESCRIPTION, real_map: dict[str, Any] | None = None,
-         solvers: dict[str, Any] | None = None) -> dict[str, Any]:
+         solvers: dict[str, Any] | None = None, samplers: dict[str, Any] | None = None) -> dict[str, Any]:
     """Strip a training checkpoint to what serving needs (EMA weights as `model`, no optimizer state),
     save it as `out/default.pt` and write `out/default.json` with its sha256, what it was trained on,
-    (`real_map`) its real-ERA5 benchmark figures and (`solvers`, from `choose_solvers`) its measured
-    solver defaults."""
+    (`real_map`) its real-ERA5 benchmark figures, (`solvers`, from `choose_solvers`) its measured
+    solver defaults and (`samplers`, from `choose_sampler`) its measured default sampler."""
     from flownp.checkpoint import load_checkpoint, save_checkpoint
 
     ck = load_checkpoint(run_checkpoint)
@@ -106,6 +131,7 @@ def pack(run_checkpoint: Path, out: Path, recipe: str, *, trained_on: str = TRAI
         "model_config": ck.get("model_config"),
         "real_map": real_map,
         "solvers": solvers,
+        "samplers": samplers,
         "trained_on": {"data": trained_on,
                        "store_manifest_sha256": ck.get("store_manifest_sha256"),
                        "task_config": ck.get("task_config")},
@@ -114,6 +140,23 @@ def pack(run_checkpoint: Path, out: Path, recipe: str, *, trained_on: str = TRAI
     with atomic_path(man_path) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def record_samplers(checkpoint: Path, study: dict[str, Any], model: str, out: Path) -> dict[str, Any]:
+    """Copy `checkpoint` to `out` with its default sampler (`samplers`, from `choose_sampler` on the rows of
+    `model` in a bench/sampling_latency.py JSON), which the service and the Python API read when no manifest
+    records one. ValueError when no offered sampler is within the tolerance (the natural one stays)."""
+    from flownp.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from flownp.samplers import offered
+
+    ck = load_checkpoint(checkpoint)
+    chosen = choose_sampler(study, model, offered(model_from_checkpoint(ck)))
+    if chosen is None:
+        raise ValueError(f"no row of {model!r} in the study offers a sampler of this model within CRPS ratio "
+                         f"{CRPS_RATIO_TOLERANCE}: nothing recorded (its natural sampler stays the default)")
+    save_checkpoint(out, {**{k: v for k, v in ck.items() if k not in ("format", "format_version", "versions")},
+                          "samplers": chosen})
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,12 +170,35 @@ def main(argv: list[str] | None = None) -> None:
                     help="JSON of bench/real_era5.py on this checkpoint: its figures go into the manifest")
     pk.add_argument("--solver-study", type=Path, default=None,
                     help="JSON of bench/ll_solver_error.py on this checkpoint: the solver defaults it supports")
+    pk.add_argument("--sampler-study", type=Path, default=None,
+                    help="JSON of bench/sampling_latency.py with this checkpoint as --global: its default sampler")
+    rs = sub.add_parser("record-samplers", help="Copy a checkpoint with its default sampler chosen from a "
+                        "bench/sampling_latency.py JSON (the `samplers` the service reads).")
+    rs.add_argument("checkpoint", type=Path)
+    rs.add_argument("--study", type=Path, required=True)
+    rs.add_argument("--model", required=True, help="the checkpoint's name in the study (global, lfm, distilled, ...)")
+    rs.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.cmd == "record-samplers":
+        try:
+            chosen = record_samplers(args.checkpoint, json.loads(args.study.read_text()), args.model, args.out)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        print(json.dumps(chosen, indent=2))
+        return
     real = None
     if args.real_map is not None:
         real = real_map_summary(json.loads(args.real_map.read_text()))
     solvers = choose_solvers(json.loads(args.solver_study.read_text())) if args.solver_study else None
-    print(json.dumps(pack(args.checkpoint, args.out, args.recipe, real_map=real, solvers=solvers), indent=2))
+    samplers = None
+    if args.sampler_study:
+        from flownp.checkpoint import load_checkpoint, model_from_checkpoint
+        from flownp.samplers import offered
+
+        samplers = choose_sampler(json.loads(args.sampler_study.read_text()), "global",
+                                  offered(model_from_checkpoint(load_checkpoint(args.checkpoint))))
+    print(json.dumps(pack(args.checkpoint, args.out, args.recipe, real_map=real, solvers=solvers,
+                          samplers=samplers), indent=2))
 
 
 def real_map_summary(bench: dict[str, Any]) -> dict[str, Any]:

@@ -9,18 +9,24 @@ nothing of the jobs or the web layer.
 - `Task`: one request's normalised inputs, built from degrees and ERA5 values by `task(...)`.
 - `extrapolate` / `log_likelihood`: the work. Log-likelihoods come back over ERA5 units (`LL_UNITS`,
   docs/protocol.md §6) and over normalised values, with their estimator and solver. A `check` callable,
-  when given, is called at every velocity evaluation (the service raises from it past a deadline).
+  when given, is called at every context encoding and velocity evaluation, in every block of an LFM, map of
+  a distilled sampler and solve of its teacher (the service raises from it past a deadline or on a cancel).
+- Samplers (`flownp.samplers`): `extrapolate(..., sampler=None)` runs the model's default sampler (its
+  manifest's `samplers.default`, else its kind's own), or the one named ("ode", "lfm", "distilled") when
+  the model offers it; the result says which ran and whether its scores are the samples' exact density.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from flownp import default_model as _default
+from flownp import samplers as _samplers
 from flownp.checkpoint import lineage_n_ctx_min, load_verified, model_from_checkpoint
 from flownp.core.likelihood import log_likelihood as _log_likelihood
 from flownp.core.likelihood import resolve_estimator as resolve_core_estimator
@@ -75,6 +81,16 @@ class LoadedModel:
     def independent(self) -> bool:
         return getattr(self.model.config, "targets", "joint") == "independent"
 
+    @property
+    def samplers(self) -> dict[str, Any]:
+        """The `samplers` entry of its manifest: offered, default, how the default was chosen, measured."""
+        return self.info["samplers"]
+
+    def plan(self, sampler: str | None = None) -> "_samplers.Plan":
+        """What sampler `sampler` (None: the model's default) runs on this model; SamplerError (a
+        DomainError, code sampler_not_offered) when the model does not offer it."""
+        return _samplers.plan(self.model, sampler, self.samplers["default"])
+
     def solver(self, kind: str, fallback: SolverConfig, max_steps: int = 10_000) -> SolverConfig:
         """The model's measured default solver for `kind` ('sample' | 'log_likelihood'): the one its manifest
         records (`flownp.default_model.choose_solvers`: the cheapest within the stated error of dopri5), else
@@ -107,8 +123,11 @@ class LoadedModel:
 
 def build_model(version: str, ck: dict[str, Any], digest: str | None, source: str,
                 extra: dict[str, Any] | None = None) -> LoadedModel:
-    """A LoadedModel (frozen weights, eval mode) from a checkpoint dict and what is known of it."""
+    """A LoadedModel (frozen weights, eval mode) from a checkpoint dict and what is known of it. A recorded
+    sampler comparison (`samplers`: {"default", "measured"}) comes from `extra` (a manifest's), else from the
+    checkpoint."""
     extra = dict(extra or {})
+    recorded_samplers = extra.pop("samplers", None) or ck.get("samplers")
     model = model_from_checkpoint(ck)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -122,6 +141,8 @@ def build_model(version: str, ck: dict[str, Any], digest: str | None, source: st
         "synthetic": bool(extra.pop("synthetic", False)), "model_config": cfg,
         "gav": ck.get("gav_config") is not None,
         "n_parameters": int(count_parameters(model)),
+        "model_kind": _samplers.kind(model), "exact_density": _samplers.scoring(model)["exact_density"],
+        "samplers": _samplers.manifest(model, recorded_samplers),
         "log_likelihood": {"auto": "exact-blocks" if independent else "hutchinson",
                            "exact": "exact-blocks" if independent else "exact-full (small target sets)",
                            "units": LL_UNITS},
@@ -148,7 +169,7 @@ def default_model() -> LoadedModel:
     """The embedded default model (trained on SYNTHETIC weather, not ERA5; its real-map figures in the
     manifest's `real_map`), verified."""
     ck, digest, man = default_checkpoint()
-    extra = {k: man.get(k) for k in ("description", "recipe", "trained_on", "real_map", "solvers")}
+    extra = {k: man.get(k) for k in ("description", "recipe", "trained_on", "real_map", "solvers", "samplers")}
     return build_model(man["version"], ck, digest, "embedded", {**extra, "synthetic": True})
 
 
@@ -206,6 +227,8 @@ class _Watched:
         attr = getattr(self._m, name)
         if name == "base" and hasattr(attr, "velocity"):  # a GAV model's likelihood calls its base directly
             return _Watched(attr, self._check)
+        if name in ("flow_samples", "flow_log_likelihood"):  # an LFM's blocks, a distilled model's maps/teacher
+            return partial(attr, check=self._check)
         return attr
 
 
@@ -215,18 +238,23 @@ def _watched(model: Any, check: Callable[[], None] | None) -> Any:
 
 def extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: SolverConfig, seed: int,
                 with_ll: bool, ll_solver: SolverConfig, estimator: str, n_probes: int = 1,
-                check: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Samples (S, n_tgt, 4) in ERA5 units and, if asked, each sample's joint log-likelihood [nats, over
-    ERA5 units: `units`] with its estimator (also over normalised values)."""
-    m = _watched(lm.model, check)
+                check: Callable[[], None] | None = None, sampler: str | None = None) -> dict[str, Any]:
+    """Samples (S, n_tgt, 4) in ERA5 units drawn by `sampler` (None: the model's default; `solver` per flow,
+    unused by distilled maps) and, if asked, each sample's joint log-likelihood [nats, over ERA5 units:
+    `units`] with its estimator (also over normalised values) and whether it is the samples' exact density.
+    `sampler` in the result: `flownp.samplers.Plan.describe`, with the evaluations made."""
+    plan = lm.plan(sampler)
     gen = torch.Generator().manual_seed(seed)
     # a model's per-task transform (its GP base) is fitted once and serves the samples and their scores
-    tr = _task_transform(lm.model, task.xc, task.yc, task.xt)
-    res = _sample(m, task.xc, task.yc, task.xt, n_samples=num_samples, solver=solver, generator=gen, transform=tr)
+    tr = _task_transform(plan.runner, task.xc, task.yc, task.xt)
+    res = _sample(_watched(plan.runner, check), task.xc, task.yc, task.xt, n_samples=num_samples, solver=solver,
+                  generator=gen, transform=tr)
     smp = res.samples[0]  # (S, n, 4) normalised
-    out: dict[str, Any] = {"samples": lm.space.to_era5(smp.numpy()), "nfe": res.nfe}
+    out: dict[str, Any] = {"samples": lm.space.to_era5(smp.numpy()), "nfe": res.nfe,
+                           "sampler": {**plan.describe(solver), "nfe": res.nfe}}
     if with_ll:
         s, n = num_samples, task.xt.shape[1]
+        m = _watched(plan.scorer, check)
         ll = _log_likelihood(m, task.xc.expand(s, -1, -1), task.yc.expand(s, -1, -1), task.xt.expand(s, -1, -1),
                              smp, solver=ll_solver, estimator=estimator, n_probes=n_probes, seed=seed,
                              transform=None if tr is None else tr.repeat(s))
@@ -234,13 +262,15 @@ def extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: Solver
         out["ll"] = {"joint": lm.space.log_density(joint_n, n, "era5"), "joint_normalised": joint_n,
                      "units": LL_UNITS, "kind": LL_KIND,
                      "spread": None if ll.spread is None else ll.spread.numpy().astype(np.float64),
-                     "estimator": ll.estimator, "n_probes": ll.n_probes, "nfe": ll.nfe, "solver": ll.solver}
+                     "estimator": ll.estimator, "n_probes": ll.n_probes, "nfe": ll.nfe, "solver": ll.solver,
+                     "exact_density": plan.exact_density, "scored_by": plan.scored_by, "density": ll.density}
     return out
 
 
 def log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, estimator: str, n_probes: int = 1,
                    seed: int = 0, check: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Joint log p(yt | xt, context) [nats] over ERA5 units (`units`) and over normalised values."""
+    """Joint log p(yt | xt, context) [nats] over ERA5 units (`units`) and over normalised values; a
+    distilled model is scored by its teacher (`scored_by`, `exact_density` False: it has no density)."""
     assert task.yt is not None, "a log-likelihood task needs target values"
     m = _watched(lm.model, check)
     ll = _log_likelihood(m, task.xc, task.yc, task.xt, task.yt, solver=solver, estimator=estimator,
@@ -250,4 +280,5 @@ def log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, estimat
     return {"joint": float(lm.space.log_density(joint_n, n, "era5")), "joint_normalised": joint_n,
             "units": LL_UNITS, "kind": LL_KIND,
             "spread": None if ll.spread is None else float(ll.spread[0]), "estimator": ll.estimator,
-            "n_probes": ll.n_probes, "nfe": ll.nfe, "n_targets": n, "solver": ll.solver}
+            "n_probes": ll.n_probes, "nfe": ll.nfe, "n_targets": n, "solver": ll.solver, "density": ll.density,
+            **_samplers.scoring(lm.model)}

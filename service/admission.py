@@ -31,6 +31,10 @@ CONTEXT_SCALE = 128.0    # a target's evaluation grows as 1 + n_ctx / CONTEXT_SC
 LL_BASE, LL_PER_PROBE = 4, 3  # one log-likelihood evaluation: the forward with its graph + one VJP per probe
 GP_CUBIC = 8000.0        # GP base: the posterior and its symmetric whitening over the targets, n_tgt^3 / this
 GP_SQUARE = 100.0        # GP base: (de)whitening per evaluation, n_tgt^2 / this
+#: one context encoding (once per flow solved: the global ODE 1, an LFM's N blocks, a distilled sampler's N'
+#: maps) costs this many target evaluations per context point (the default model, 1 thread: encoding 1000
+#: points 0.033 s, one evaluation at 8 x 245 targets 0.106 s)
+CONTEXT_ENCODE = 0.6
 
 
 def probes_of(estimator: str, n_probes: int, n_tgt: int, y_dim: int = 4) -> int:
@@ -39,16 +43,30 @@ def probes_of(estimator: str, n_probes: int, n_tgt: int, y_dim: int = 4) -> int:
     return {"hutchinson": n_probes, "exact-blocks": y_dim, "exact-full": y_dim * n_tgt}.get(estimator, n_probes)
 
 
-def request_cost(*, n_ctx: int, n_tgt: int, num_samples: int, solver: str, steps: int, ll_solver: str | None = None,
-                 ll_steps: int = 0, estimator: str = "none", n_probes: int = 1, gp_base: bool = False) -> int:
-    """Estimated work of one job in units (see above): targets x samples x solver evaluations, times the
-    context weight, plus the log-likelihood (its evaluations x (LL_BASE + LL_PER_PROBE x probes)) and the GP
-    base's target-set terms. `ll_solver=None`: no log-likelihood. num_samples=1, steps=0 for
-    /v1/log-likelihood (one scored set, no sampling)."""
+def sampling_evaluations(solver: str | None, steps: int, blocks: int = 1, maps: int | None = None) -> int:
+    """Network evaluations of one draw (flownp.samplers.Plan): N' one-step maps (`maps`; no solver), else
+    `blocks` flows in sequence (an LFM's N; 1 for the global ODE) x the solver's steps x its evaluations."""
+    if maps is not None:
+        return maps
+    return NFE_PER_STEP[solver] * steps * blocks if solver is not None and steps else 0
+
+
+def request_cost(*, n_ctx: int, n_tgt: int, num_samples: int, solver: str | None, steps: int,
+                 ll_solver: str | None = None, ll_steps: int = 0, estimator: str = "none", n_probes: int = 1,
+                 gp_base: bool = False, blocks: int = 1, maps: int | None = None, ll_blocks: int = 1) -> int:
+    """Estimated work of one job in units (see above): targets x samples x the sampler's evaluations
+    (`sampling_evaluations`: the global ODE's solver steps, an LFM's `blocks` x its per-block steps, or a
+    distilled sampler's `maps`), times the context weight, plus the log-likelihood (its evaluations through
+    `ll_blocks` flows, an LFM's or a distilled model's teacher's, x (LL_BASE + LL_PER_PROBE x probes)), one
+    context encoding per flow solved (CONTEXT_ENCODE per context point) and the GP base's target-set terms.
+    `ll_solver=None`: no log-likelihood. num_samples=1, steps=0 for /v1/log-likelihood (one scored set, no
+    sampling)."""
     w = 1.0 + n_ctx / CONTEXT_SCALE
-    nfe = NFE_PER_STEP[solver] * steps
-    nfe_ll = NFE_PER_STEP[ll_solver] * ll_steps if ll_solver is not None else 0
+    nfe = sampling_evaluations(solver, steps, blocks, maps)
+    nfe_ll = NFE_PER_STEP[ll_solver] * ll_steps * ll_blocks if ll_solver is not None else 0
+    encodings = ((maps if maps is not None else blocks) if nfe else 0) + (ll_blocks if nfe_ll else 0)
     cost = n_tgt * num_samples * w * (nfe + nfe_ll * (LL_BASE + LL_PER_PROBE * probes_of(estimator, n_probes, n_tgt)))
+    cost += encodings * CONTEXT_ENCODE * n_ctx * w
     if gp_base:
         cost += n_tgt ** 3 / GP_CUBIC + n_tgt ** 2 / GP_SQUARE * (nfe + LL_BASE * nfe_ll)
     return int(cost) + 1

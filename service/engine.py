@@ -7,8 +7,11 @@ own intra-op threads within each job) behind an admission counter: at most worke
 admitted, and at most max_queued_cost of work (service.admission: a free worker always takes a request,
 retry tickets keep a refused client's place for a few seconds); one request costs at most
 max_request_cost (422 too_costly). Each job has a deadline (queue wait included) and can be cancelled
-(a `Job`: the model is wrapped so that every velocity evaluation checks it), so a late job, or the job
-of a client that disconnected, stops within one solver step; the caller gets 504 (499 when it went).
+(a `Job`: the model is wrapped so that every context encoding and velocity evaluation checks it, in every
+block of an LFM and map of a distilled sampler too), so a late job, or the job of a client that
+disconnected, stops within one solver step; the caller gets 504 (499 when it went). Every model kind is
+served: a global FlowNP (sampler "ode"), an LFM ("lfm"), a distilled sampler ("distilled" and its
+teacher's), each request running the model's default sampler or the one it names (service.sampling).
 Results are reproducible: the request's seed drives a torch.Generator for the noise and
 the Hutchinson probes.
 
@@ -143,7 +146,8 @@ def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any,
             ck, digest = load_verified(reg.model_path(v, verify=False), reg.model_sha256(v),
                                        f"registry version {v}")
             out[v] = build_model(v, ck, digest, "registry", {"current": v == current, "metrics": man.get("metrics"),
-                                                         "created": man.get("created")})
+                                                         "created": man.get("created"),
+                                                         "samplers": man.get("samplers")})
     if settings.checkpoint is not None:
         path = settings.checkpoint
         sha = settings.checkpoint_sha256
@@ -159,19 +163,7 @@ def _load_models(settings: Settings) -> tuple[dict[str, LoadedModel], tuple[Any,
     if not out:
         lm = default_model()
         out[lm.version] = lm
-    for v, lm in out.items():
-        refuse_unserved_kind(v, lm)
     return out, marker
-
-
-def refuse_unserved_kind(version: str, lm: LoadedModel) -> None:
-    """LoadError for model kinds the service cannot yet bound (issue 16): an LFM or a distilled sampler runs
-    its own blocks, which the per-evaluation deadline and cancellation check and the cost formula do not
-    reach. They are available from the Python API (`flownp.api`) and the jobs."""
-    kind = type(lm.model).__name__
-    if kind in ("LFM", "DistilledSampler"):
-        raise LoadError(f"{version}: a {kind} model is not served yet (its solves escape the service's deadline, "
-                        "cancellation and cost limits); use it from the Python API")
 
 
 # ---- the work (flownp.inference, with the job checked at every velocity evaluation) ----------------
@@ -209,10 +201,11 @@ def resolve_estimator(lm: LoadedModel, estimator: str, n_tgt: int, settings: Set
 
 def run_extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: SolverConfig, seed: int,
                     with_ll: bool, ll_solver: SolverConfig, estimator: str, n_probes: int,
-                    check: Callable[[], None]) -> dict[str, Any]:
-    """`flownp.inference.extrapolate`, stopped by `check` (a `Job`). Runs in a worker thread."""
+                    check: Callable[[], None], sampler: str | None = None) -> dict[str, Any]:
+    """`flownp.inference.extrapolate` with `sampler` (None: the model's default), stopped by `check` (a
+    `Job`). Runs in a worker thread."""
     return extrapolate(lm, task, num_samples=num_samples, solver=solver, seed=seed, with_ll=with_ll,
-                       ll_solver=ll_solver, estimator=estimator, n_probes=n_probes, check=check)
+                       ll_solver=ll_solver, estimator=estimator, n_probes=n_probes, check=check, sampler=sampler)
 
 
 def run_log_likelihood(lm: LoadedModel, task: Task, *, solver: SolverConfig, estimator: str, n_probes: int,

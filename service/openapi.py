@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from flownp.samplers import SAMPLERS
 from service.http import NETCDF
 from service.schemas import ExtrapolateRequest, LogLikelihoodRequest
 from service.settings import Settings
@@ -38,8 +39,10 @@ _WHY = {
     409: "The new models could not be loaded; the old ones are still served.",
     413: "The body exceeds the size limit.", 415: "Not application/json, or a Content-Encoding other than identity.",
     422: "Invalid request: a field (its type, range, length), or a rule across fields (equal list lengths, points "
-         "inside the model's disc, at least the model's trained minimum context, distinct target points), or "
-         "too_costly: its estimated work (targets x samples x solver evaluations, service.admission) exceeds "
+         "inside the model's disc, at least the model's trained minimum context, distinct target points), "
+         "sampler_not_offered (a sampler the model does not offer: GET /v1/models, samplers.offered), "
+         "not_applicable (solver or steps named for distilled maps), or too_costly: its estimated work (targets x "
+         "samples x solver evaluations, service.admission) exceeds "
          "the per-request limit.",
     500: "An internal error (logged; no details are given).",
     503: "Not ready (loading, or load_failed) or overloaded (the queue, or more requests in flight than the "
@@ -64,11 +67,78 @@ STATUSES = {  # (path, method) -> error statuses it can answer
     ("/metrics", "get"): (401, 500, 503),
 }
 _JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_NAME = {"type": "string", "enum": list(SAMPLERS)}
+_SCORED_BY = {"type": "string", "description": "Who computed the log-likelihood: 'model', or 'teacher (lfm)' / "
+              "'teacher (flownp)' for a distilled model (its maps define no density)."}
+_NULL_INT = {"type": ["integer", "null"]}
+# the parts of the answers that say which sampler ran and what the log-likelihoods are (the rest: see the
+# route descriptions and README; further fields are allowed)
+ANSWER_SCHEMAS: dict[str, Any] = {
+    "SamplerUsed": {
+        "type": "object", "required": ["name", "solver", "steps", "blocks", "maps", "exact_density", "scored_by",
+                                       "seed", "nfe"],
+        "description": "The sampler that ran (the request's `sampler`, else the model's default).",
+        "properties": {
+            "name": _NAME,
+            "solver": {"type": ["string", "null"], "description": "Per flow (per block for lfm); null for distilled."},
+            "steps": _NULL_INT, "blocks": {**_NULL_INT, "description": "Flows in sequence (lfm: N; ode: 1)."},
+            "maps": {**_NULL_INT, "description": "distilled: its one-step maps (N' evaluations)."},
+            "exact_density": {"type": "boolean", "description": "Whether this sampler's distribution has the exact "
+                              "density its log-likelihoods report (false for distilled: they are its teacher's)."},
+            "scored_by": _SCORED_BY, "seed": {"type": "integer"},
+            "nfe": {"type": "integer", "description": "Network evaluations of the draw (all samples together)."}}},
+    "SampleLogLikelihood": {
+        "type": "object", "required": ["values", "units", "estimator", "solver", "steps", "nfe", "exact_density",
+                                       "scored_by"],
+        "properties": {"values": {"type": "array", "items": {"type": "number"}}, "units": {"type": "string"},
+                       "estimator": {"type": "string"}, "solver": {"type": "string"}, "steps": {"type": "integer"},
+                       "blocks": {"type": "integer"}, "nfe": {"type": "integer"},
+                       "exact_density": {"type": "boolean", "description": "false: the samples came from distilled "
+                                         "maps and these are the teacher's log-likelihoods of them."},
+                       "scored_by": _SCORED_BY}},
+    "Extrapolation": {
+        "type": "object", "required": ["model", "context", "sampler", "latitude", "longitude", "sample", "units",
+                                       "timing"],
+        "properties": {"sampler": {"$ref": "#/components/schemas/SamplerUsed"},
+                       "log_likelihood": {"$ref": "#/components/schemas/SampleLogLikelihood"}}},
+    "Score": {
+        "type": "object", "required": ["joint", "per_point", "units", "estimator", "solver", "steps", "nfe",
+                                       "exact_density", "scored_by"],
+        "properties": {"joint": {"type": "number"}, "per_point": {"type": "number"}, "units": {"type": "string"},
+                       "estimator": {"type": "string"}, "solver": {"type": "string"}, "steps": {"type": "integer"},
+                       "blocks": {"type": "integer"}, "nfe": {"type": "integer"},
+                       "exact_density": {"type": "boolean", "description": "Whether this is the model's own exact "
+                                         "density (false for a distilled model: its teacher scores)."},
+                       "scored_by": _SCORED_BY}},
+    "ModelSamplers": {
+        "type": "object", "required": ["offered", "default", "chosen_by", "measured", "details"],
+        "properties": {"offered": {"type": "array", "items": _NAME, "minItems": 1}, "default": _NAME,
+                       "chosen_by": {"type": "string", "description": "'recorded comparison' (measured) or "
+                                     "'model kind' (the kind's natural sampler)."},
+                       "measured": {"type": ["object", "null"]}, "details": {"type": "object"}}},
+    "ModelInfo": {
+        "type": "object", "required": ["version", "model_kind", "exact_density", "samplers"],
+        "properties": {"version": {"type": "string"},
+                       "model_kind": {"type": "string", "enum": ["flownp", "lfm", "distilled"]},
+                       "exact_density": {"type": "boolean"},
+                       "samplers": {"$ref": "#/components/schemas/ModelSamplers"}}},
+    "Models": {
+        "type": "object", "required": ["default", "models"],
+        "properties": {"default": {"type": ["string", "null"]},
+                       "models": {"type": "array", "items": {"$ref": "#/components/schemas/ModelInfo"}}}},
+}
+
+
+def _answer(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+
+
 OK_CONTENT = {
-    ("/v1/extrapolate", "post"): {**_JSON_OBJECT, NETCDF: {"schema": {"type": "string", "format": "binary"}}},
-    ("/v1/log-likelihood", "post"): _JSON_OBJECT,
-    ("/v1/models", "get"): _JSON_OBJECT,
-    ("/v1/models/{version}", "get"): _JSON_OBJECT,
+    ("/v1/extrapolate", "post"): {**_answer("Extrapolation"),
+                                  NETCDF: {"schema": {"type": "string", "format": "binary"}}},
+    ("/v1/log-likelihood", "post"): _answer("Score"),
+    ("/v1/models", "get"): _answer("Models"),
+    ("/v1/models/{version}", "get"): _answer("ModelInfo"),
     ("/v1/admin/reload", "post"): _JSON_OBJECT,
     ("/readyz", "get"): {"application/json": {"schema": {
         "type": "object", "required": ["status", "models", "default"],
@@ -130,6 +200,7 @@ def _responses(schema: dict[str, Any]) -> None:
     for name in ("HTTPValidationError", "ValidationError"):
         comps.pop(name, None)
     comps["Error"] = ERROR
+    comps.update(copy.deepcopy(ANSWER_SCHEMAS))
 
 
 def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:

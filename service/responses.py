@@ -52,9 +52,18 @@ def extrapolation_body(meta: dict[str, Any], lat: list[float], lon: list[float],
             "kind": LL_KIND, "units": LL_UNITS, "estimator": ll["estimator"], "n_probes": ll["n_probes"],
             "spread": None if ll["spread"] is None else ll["spread"].tolist(),
             **meta["log_likelihood"], "nfe": ll["nfe"],
+            "exact_density": ll["exact_density"], "scored_by": ll["scored_by"],
         }
     body["timing"] = meta["timing"]
     return body
+
+
+def sampler_text(sampler: dict[str, Any]) -> str:
+    """'ode: euler, 8 steps', 'lfm: euler, 8 steps per block, 4 blocks', 'distilled: 2 one-step maps'."""
+    if sampler.get("maps") is not None:
+        return f"{sampler['name']}: {sampler['maps']} one-step maps"
+    per = f" per block, {sampler['blocks']} blocks" if (sampler.get("blocks") or 1) > 1 else ""
+    return f"{sampler['name']}: {sampler['solver']}, {sampler['steps']} steps{per}"
 
 
 def extrapolation_netcdf(body: dict[str, Any], samples: np.ndarray) -> bytes:
@@ -89,12 +98,12 @@ def extrapolation_netcdf(body: dict[str, Any], samples: np.ndarray) -> bytes:
         ds["log_likelihood"] = ("sample", np.asarray(ll["values"], np.float64), {
             "long_name": f"log-likelihood, {ll['kind']}", "units": "nats", "estimator": ll["estimator"],
             "n_probes": ll["n_probes"], "solver": ll["solver"], "steps": ll["steps"],
-            "density_units": ll["units"]})
+            "density_units": ll["units"], "exact_density": int(ll["exact_density"]), "scored_by": ll["scored_by"]})
     ds.attrs = {"Conventions": "CF-1.10", "title": "FlowNP spatial extrapolation",
                 "institution": "flownp-weather", "source": f"FlowNP model {body['model']['version']}",
                 "history": f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} flownp-weather service",
                 "model_version": body["model"]["version"], "model_synthetic": int(body["model"]["synthetic"]),
-                "sampler": f"{body['sampler']['solver']}, {body['sampler']['steps']} steps",
+                "sampler": sampler_text(body["sampler"]), "sampler_name": body["sampler"]["name"],
                 "seed": str(body["sampler"]["seed"]), "n_context": body["context"]["n"],
                 "context_time": body["context"].get("time") or ""}
     return bytes(ds.to_netcdf(format="NETCDF3_64BIT", engine="scipy"))

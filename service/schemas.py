@@ -22,6 +22,7 @@ from service.errors import ApiError, clip, loc_str
 from service.settings import Settings
 
 Solver = Literal["euler", "midpoint", "rk4"]
+Sampler = Literal["ode", "lfm", "distilled"]  # flownp.samplers.SAMPLERS
 Estimator = Literal["auto", "exact", "hutchinson"]
 Part = Literal["samples", "mean", "std", "quantiles", "log_likelihood"]
 ALL_PARTS: tuple[str, ...] = ("samples", "mean", "std", "quantiles", "log_likelihood")
@@ -199,7 +200,14 @@ class ExtrapolateRequest(Strict):
     targets: Targets = Field(
         "circle", description="Points, or 'circle': every point of the region's circle not in the context.")
     num_samples: int = Field(8, ge=1)
-    solver: Solver | None = Field(None, description=_SOLVER_DOC.format(what="euler, 8 steps"))
+    sampler: Sampler | None = Field(None, description=(
+        "ode: the global flow's ODE (solver, steps); lfm: a Local Flow Matching model's blocks in sequence "
+        "(solver and steps per block); distilled: a distilled model's one-step maps (no solver or steps: "
+        "naming them is a 422; no density: its log-likelihoods are its teacher's, exact_density false). A "
+        "model offers what it is (GET /v1/models: `samplers.offered`; a distilled model also offers its "
+        "teacher's); another is a 422 sampler_not_offered. Absent or null: the model's `samplers.default`."))
+    solver: Solver | None = Field(None, description=_SOLVER_DOC.format(what="euler, 8 steps") +
+                                  " An LFM runs it in each block.")
     steps: int | None = Field(None, ge=1, description="Solver steps (see solver).")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Noise seed; none: drawn and echoed back.")
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.5, 0.95])
@@ -255,7 +263,7 @@ class LogLikelihoodRequest(Strict):
         return self
 
 
-MAX_KEYS = 32  # keys in any one object of a request (the largest, ExtrapolateRequest, has 14 fields)
+MAX_KEYS = 32  # keys in any one object of a request (the largest, ExtrapolateRequest, has 15 fields)
 _SCHEMA_DEPTH = 5  # the deepest level pydantic reads: body.context.values.t2m[i]
 
 

@@ -47,9 +47,11 @@ def test_oracle_outscores_idw_and_is_calibrated(tiny_store):
     idw = evaluate_predictor(IDWPredictor(), batches, store.normalizer, n_samples=64)
     assert oracle["tar_ll"] > idw["tar_ll"] + 1.0, (oracle["tar_ll"], idw["tar_ll"])
     assert all(oracle["rmse"][v] < idw["rmse"][v] for v in oracle["rmse"])
-    # 64 draws from the true law: central 90% intervals hold the truth about 90% of the time (the
-    # empirical quantiles of S draws cover (S-1)/(S+1) of the mass on average: 0.87 for the 5-95% pair)
-    assert all(0.8 < c < 0.95 for c in oracle["coverage90"].values()), oracle["coverage90"]
+    # 64 draws from the true law: rank coverage is 0.9 in expectation (720 correlated points per variable);
+    # the raw 5-95% quantile interval of S draws covers about (S-1)/(S+1) = 0.97 * 0.9 here
+    assert all(0.84 < c < 0.96 for c in oracle["coverage90"].values()), oracle["coverage90"]
+    assert all(0.40 < c < 0.60 for c in oracle["coverage50"].values()), oracle["coverage50"]
+    assert "rank coverage" in oracle["coverage_kind"]
     assert oracle["predictor"]["ll_kind"] == "joint" and idw["predictor"]["ll_kind"].startswith("marginal")
 
 

@@ -30,7 +30,9 @@ def test_extrapolate_json_echoes_coordinates_and_labels_everything(client):
     assert j["latitude"] == body["targets"]["latitude"] and j["longitude"] == body["targets"]["longitude"]
     assert j["model"] == {"version": "synthetic-default", "synthetic": True}
     assert j["units"]["t2m"] == "K" and j["units"]["sp"] == "Pa" and j["units"]["u10"] == "m s-1"
-    assert j["sample"] == [0, 1] and j["sampler"] == {"solver": "euler", "steps": 2, "seed": 7, "nfe": 2}
+    assert j["sample"] == [0, 1] and j["sampler"] == {"name": "ode", "solver": "euler", "steps": 2, "blocks": 1,
+                                                      "maps": None, "exact_density": True, "scored_by": "model",
+                                                      "seed": 7, "nfe": 2}
     t2m = np.asarray(j["samples"]["t2m"])
     assert t2m.shape == (2, 6) and np.all((t2m > 200) & (t2m < 340))  # kelvin, not normalised
     assert np.allclose(j["mean"]["sp"], np.mean(j["samples"]["sp"], axis=0))
@@ -41,6 +43,7 @@ def test_extrapolate_json_echoes_coordinates_and_labels_everything(client):
     # the default model's targets are independent given its GP base: 'auto' is the exact block trace
     assert ll["estimator"] == "exact-blocks" and ll["n_probes"] == 1
     assert ll["solver"] == "midpoint" and ll["steps"] == 2
+    assert ll["exact_density"] is True and ll["scored_by"] == "model"  # a global flow scores its own samples
     assert j["timing"]["engine_ms"] > 0
 
 

@@ -348,24 +348,3 @@ def test_requests_beyond_the_limit_get_503_but_the_probes_never_do():
     assert over.headers["retry-after"] == "1"
     assert [p.status_code for p in probes] == [200, 200]
     assert [d.status_code for d in done] == [200, 200] and after.status_code == 200
-
-
-
-
-# ---- model kinds the service cannot bound yet ------------------------------------------------------
-def test_lfm_and_distilled_models_are_refused_at_load_with_a_clear_error():
-    """Their solves run their own blocks, which the deadline/cancellation check and the cost formula do not
-    reach: the service refuses them (LoadError, so /readyz says load_failed) rather than serve them unbounded."""
-    from flownp.core.config import ModelConfig
-    from flownp.core.lfm import LFM, DistillConfig, DistilledSampler, LFMConfig
-    from flownp.inference import default_model
-    from service.engine import LoadError, refuse_unserved_kind
-
-    lm = default_model()
-    refuse_unserved_kind("plain", lm)  # a plain FlowNP is served
-    cfg = ModelConfig(targets="independent", d_model=16, n_heads=2, n_layers=1, d_ff=16)
-    lfm = LFM(cfg, LFMConfig(n_blocks=2))
-    for model in (lfm, DistilledSampler(lfm, DistillConfig(group=2))):
-        lm.model = model
-        with pytest.raises(LoadError, match="not served yet"):
-            refuse_unserved_kind("v1", lm)

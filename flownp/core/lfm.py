@@ -21,6 +21,10 @@ boundaries. Each net starts as a copy of the teacher's (its first step), so an u
 teacher's one-step Euler. A distilled sampler has no density: `exact_density` is False and its
 log-likelihoods are its teacher's, labelled so (`LikelihoodResult.density`).
 
+**Stopping.** Every solve here (the blocks', the maps', the teacher's scoring) takes an optional `check`
+callable, called before every context encoding and velocity evaluation (`checked`): a caller's deadline or
+cancel (the service's `Job`) raises from it, so a request stops within one evaluation of one block.
+
 Shapes: xc (B, n_ctx, 2), yc (B, n_ctx, D) as the flow sees them, xt (B, n_tgt, 2), states (B, S, n_tgt, D)
 (S samples per task) in the flow space; log-likelihoods in nats over that space.
 """
@@ -30,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -98,6 +102,33 @@ class LFMConfig(_Plain):
         return SolverConfig(self.push_method, self.push_steps)
 
 
+Check = Callable[[], None]
+
+
+class _Checked:
+    """A flow (block, map, teacher) as the solvers see it, calling `check()` before every context encoding
+    and velocity evaluation; everything else is the flow's own."""
+
+    def __init__(self, flow: Any, check: Check) -> None:
+        self._flow, self._check = flow, check
+
+    def encode_context(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._flow.encode_context(*a, **kw)
+
+    def velocity(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._flow.velocity(*a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._flow, name)
+
+
+def checked(flow: Any, check: Check | None) -> Any:
+    """`flow` with `check()` called at each of its evaluations (the flow itself when check is None)."""
+    return flow if check is None else _Checked(flow, check)
+
+
 def _state4(y: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(B, n, D) -> (B, 1, n, D) and a flag to undo it; (B, S, n, D) passes."""
     return (y[:, None], True) if y.dim() == 3 else (y, False)
@@ -121,6 +152,10 @@ class LFM(nn.Module):
     def joint(self) -> bool:
         return self.config.targets == "joint"
 
+    @property
+    def has_task_transform(self) -> bool:
+        return bool(getattr(self.blocks[0], "has_task_transform", False))
+
     def task_transform(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor) -> Any:
         """The per-task transform every block shares (flownp.core.gp_base); None without one."""
         fn = getattr(self.blocks[0], "task_transform", None)
@@ -128,28 +163,28 @@ class LFM(nn.Module):
 
     @torch.no_grad()
     def encode(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, y: torch.Tensor,
-               solver: SolverConfig, upto: int | None = None) -> torch.Tensor:
+               solver: SolverConfig, upto: int | None = None, check: Check | None = None) -> torch.Tensor:
         """Data -> noise: y (B, n, D) or (B, S, n, D) pushed through blocks 1..upto (all by default), each
         integrated t: 1 -> 0. Same shape as y."""
         s, flat = _state4(y)
         for block in self.blocks[:upto]:
-            s, _ = flow_samples(block, xc, yc, xt, s, solver, 1.0, 0.0)
+            s, _ = flow_samples(checked(block, check), xc, yc, xt, s, solver, 1.0, 0.0)
         return s[:, 0] if flat else s
 
     def flow_samples(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, y0: torch.Tensor,
-                     solver: SolverConfig) -> tuple[torch.Tensor, int]:
+                     solver: SolverConfig, check: Check | None = None) -> tuple[torch.Tensor, int]:
         """Noise -> data: y0 (B, S, n, D) through blocks N..1 (each t: 0 -> 1, `solver` per block):
         -> (state, nfe = the blocks' together)."""
         y, nfe = y0, 0
         for block in reversed(self.blocks):
-            y, k = flow_samples(block, xc, yc, xt, y, solver, 0.0, 1.0)
+            y, k = flow_samples(checked(block, check), xc, yc, xt, y, solver, 0.0, 1.0)
             nfe += k
         return y, nfe
 
     def flow_log_likelihood(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *,
                             solver: SolverConfig = SolverConfig("midpoint", 100), estimator: str = "auto",
                             n_probes: int = 1, probe: str = "rademacher", seed: int = 0,
-                            create_graph: bool = False) -> LikelihoodResult:
+                            create_graph: bool = False, check: Check | None = None) -> LikelihoodResult:
         """Exact change of variables through every block: log N(y_N; 0, I) + sum_n -int div v_n dt, with
         `solver` per block; Hutchinson probes are drawn per block (seeded from `seed` and the block)."""
         estimator = resolve_estimator(not self.joint, estimator)
@@ -160,7 +195,7 @@ class LFM(nn.Module):
             if estimator == "hutchinson":
                 s = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
                 probes = draw_probes(yt.shape, n_probes, probe, s, yt)
-            vf, known = flow_field(block, xc, yc, xt, create_graph)
+            vf, known = flow_field(checked(block, check), xc, yc, xt, create_graph)
             y, a, k = divergence_integral(vf, y, solver=solver, estimator=estimator, probes=probes,
                                           create_graph=create_graph, known=known)
             total, nfe = (a if total is None else total + a), nfe + k
@@ -279,32 +314,37 @@ class DistilledSampler(nn.Module):
     def teacher_kind(self) -> str:
         return "lfm" if isinstance(self.teacher, LFM) else "flownp"
 
+    @property
+    def has_task_transform(self) -> bool:
+        return bool(getattr(self.teacher, "has_task_transform", False))
+
     def task_transform(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor) -> Any:
         fn = getattr(self.teacher, "task_transform", None)
         return fn(xc, yc, xt) if fn is not None else None
 
     def apply_map(self, j: int, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor,
-                  y: torch.Tensor) -> torch.Tensor:
+                  y: torch.Tensor, check: Check | None = None) -> torch.Tensor:
         """Map j on y (B, S, n, D): y + h * net_j(context, y, t_in)."""
         b, s, n, d = y.shape
-        net, (t_in, h) = self.maps[j], self.times[j]
+        net, (t_in, h) = checked(self.maps[j], check), self.times[j]
         ctx = net.encode_context(xc, yc).repeat(s)
         flat = y.reshape(b * s, n, d)
         return (flat + h * net.velocity(ctx, xt.repeat_interleave(s, dim=0), flat, t_in)).reshape(b, s, n, d)
 
     def flow_samples(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, y0: torch.Tensor,
-                     solver: SolverConfig | None = None) -> tuple[torch.Tensor, int]:
+                     solver: SolverConfig | None = None, check: Check | None = None) -> tuple[torch.Tensor, int]:
         """Noise -> data through the N' maps (`solver` is ignored: each map is one evaluation)."""
         y = y0
         for j in range(len(self.maps)):
-            y = self.apply_map(j, xc, yc, xt, y)
+            y = self.apply_map(j, xc, yc, xt, y, check)
         return y, len(self.maps)
 
     def flow_log_likelihood(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
-                            **kw: Any) -> LikelihoodResult:
+                            check: Check | None = None, **kw: Any) -> LikelihoodResult:
         """The TEACHER's log-likelihood (the maps define no density), labelled `density` = teacher's."""
-        fn = getattr(self.teacher, "flow_log_likelihood", None)
-        res = fn(xc, yc, xt, yt, **kw) if fn is not None else flow_log_likelihood(self.teacher, xc, yc, xt, yt, **kw)
+        fn = getattr(self.teacher, "flow_log_likelihood", None)  # a teacher of several flows (an LFM) runs its own
+        res = (fn(xc, yc, xt, yt, check=check, **kw) if fn is not None
+               else flow_log_likelihood(checked(self.teacher, check), xc, yc, xt, yt, **kw))
         return LikelihoodResult(res.joint, res.per_point, res.spread, res.estimator, res.n_probes, res.solver,
                                 res.nfe, res.n_targets,
                                 density=f"teacher's ({self.teacher_kind}): a distilled sampler has no density")

@@ -18,6 +18,7 @@ Field = Callable[[torch.Tensor, State], State]
 
 FIXED = ("euler", "midpoint", "rk4")
 ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4}  # field evaluations per step of the fixed-step methods
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class SolverConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def nfe(self) -> int | None:
+        """Field evaluations of one solve (fixed-step methods; None for adaptive ones: known only after)."""
+        return NFE_PER_STEP[self.method] * self.steps if self.method in FIXED else None
 
     def describe(self) -> str:
         if self.method in FIXED:

@@ -24,10 +24,17 @@ from flownp.core.likelihood import log_likelihood, resolve_estimator
 from flownp.core.sampling import sample
 from flownp.core.solvers import SolverConfig
 from flownp.inference import parse_solver
+from flownp.scores import crps_from_samples, quantile_interval_coverage, rank_coverage
 from ingest.normalize import Normalizer
 from ingest.space import UNITS, log_jacobian, model_units
 from ingest.tasks import TaskBatch
 from ingest.variables import NAMES
+
+__all__ = ["crps_from_samples", "evaluate_predictor", "gaussian_fit_log_score"]
+
+COVERAGE_KIND = ("coverage50/90: rank coverage (flownp.scores.rank_coverage; exact in expectation for a calibrated "
+                 "predictor at any sample count); coverage90_quantile_interval: the empirical 5-95% interval of "
+                 "the samples, biased low for few samples (about (S - 1) / (S + 1))")
 
 
 class Predictor(Protocol):
@@ -91,17 +98,6 @@ def batch_probe_seed(seed: int, batch: TaskBatch) -> int:
     return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
 
 
-def crps_from_samples(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """CRPS per element: E|X - y| - 0.5 E|X - X'| with the sorted-sample formula.
-    samples (B, S, n, D), truth (B, n, D) -> (B, n, D)."""
-    s = samples.shape[1]
-    term1 = (samples - truth[:, None]).abs().mean(1)
-    xs = samples.sort(dim=1).values
-    w = (2 * torch.arange(1, s + 1, dtype=samples.dtype, device=samples.device) - s - 1).view(1, s, 1, 1)
-    term2 = (w * xs).sum(1) / (s * s)  # = 0.5 E|X - X'|
-    return term1 - term2
-
-
 @dataclass
 class _Acc:
     ll_tasks: list[float] = field(default_factory=list)
@@ -110,6 +106,7 @@ class _Acc:
     crps: np.ndarray = field(default_factory=lambda: np.zeros(4))
     cover50: np.ndarray = field(default_factory=lambda: np.zeros(4))
     cover90: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    cover90_interval: np.ndarray = field(default_factory=lambda: np.zeros(4))
     count: int = 0
     gauss_batch_means: list[float] = field(default_factory=list)
 
@@ -150,9 +147,9 @@ def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer
             err = smp.mean(1) - truth
             acc.sse += err.pow(2).sum((0, 1)).double().numpy()
             acc.crps += crps_from_samples(smp, truth).sum((0, 1)).double().numpy()
-            q = torch.quantile(smp, torch.tensor([0.05, 0.25, 0.75, 0.95]), dim=1)
-            acc.cover50 += ((truth >= q[1]) & (truth <= q[2])).sum((0, 1)).double().numpy()
-            acc.cover90 += ((truth >= q[0]) & (truth <= q[3])).sum((0, 1)).double().numpy()
+            acc.cover50 += rank_coverage(smp, truth, 0.5).sum((0, 1)).double().numpy()
+            acc.cover90 += rank_coverage(smp, truth, 0.9).sum((0, 1)).double().numpy()
+            acc.cover90_interval += quantile_interval_coverage(smp, truth, 0.9).sum((0, 1)).double().numpy()
             acc.count += truth.shape[0] * truth.shape[1]
     ll = np.array(acc.ll_tasks)
     out: dict[str, Any] = {
@@ -176,6 +173,8 @@ def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer
             "crps": dict(zip(NAMES, (acc.crps / n).tolist())),
             "coverage50": dict(zip(NAMES, (acc.cover50 / n).tolist())),
             "coverage90": dict(zip(NAMES, (acc.cover90 / n).tolist())),
+            "coverage90_quantile_interval": dict(zip(NAMES, (acc.cover90_interval / n).tolist())),
+            "coverage_kind": COVERAGE_KIND,
             "units": model_units(),
         })
     if acc.gauss_batch_means:

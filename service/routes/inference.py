@@ -2,7 +2,9 @@
 checked against the served model's ModelSpace (ingest.space: region, circle targets, conversion; its
 DomainError answers 422 with its code), and run by the engine (flownp.inference under admission and a
 deadline, admitted by cost: service.admission.request_cost; cancelled when the client disconnects).
-Log-likelihoods come back over ERA5 units, labelled (`units`)."""
+A request's sampler, solvers and cost are decided by service.sampling (the model's default sampler unless
+`sampler` names one it offers). Log-likelihoods come back over ERA5 units, labelled (`units`), with who
+scored them and whether they are the samples' exact density (a distilled sampler has none)."""
 
 from __future__ import annotations
 
@@ -14,22 +16,18 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from flownp.core.solvers import SolverConfig
-from flownp.inference import LL_KIND, LL_UNITS, LoadedModel, task as make_task
-from service.admission import request_cost
+from flownp.inference import LL_KIND, LL_UNITS, task as make_task
 from service.deps import PROTECTED, EngineDep, MetricsDep, SettingsDep, json_response, require_ready
 from service.engine import check_context_size, resolve_estimator, run_extrapolate, run_log_likelihood
 from service.errors import ApiError
 from service.http import NETCDF, choose_format, read_request
 from service.responses import extrapolation_body, extrapolation_netcdf
+from service.sampling import SAMPLE_LL_SOLVER, SAMPLE_SOLVER, SCORE_SOLVER, sampling_for, score_cost, solver_for
 from service.schemas import ExtrapolateRequest, LogLikelihoodRequest, Points
 
-router = APIRouter(tags=["inference"], dependencies=PROTECTED)
+__all__ = ["SAMPLE_LL_SOLVER", "SAMPLE_SOLVER", "SCORE_SOLVER", "router", "solver_for"]
 
-# global solver defaults, for a model that records none (docs/results.md §5.2)
-SAMPLE_SOLVER = SolverConfig("euler", 8)
-SAMPLE_LL_SOLVER = SolverConfig("midpoint", 2)
-SCORE_SOLVER = SolverConfig("midpoint", 8)
+router = APIRouter(tags=["inference"], dependencies=PROTECTED)
 
 
 def body_doc(model: type) -> dict[str, Any]:
@@ -42,16 +40,6 @@ async def _gone(request: Request) -> None:
     http.disconnect): lets the engine cancel the work of a client that went away."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def solver_for(lm: LoadedModel, kind: str, method: str | None, steps: int | None,
-               fallback: SolverConfig, max_steps: int) -> SolverConfig:
-    """The solver a request runs: neither method nor steps given -> the model's measured default for `kind`
-    ('sample' | 'log_likelihood', `LoadedModel.solver`), else `fallback`; one given -> the other from
-    `fallback`."""
-    if method is None and steps is None:
-        return lm.solver(kind, fallback, max_steps)
-    return SolverConfig(method or fallback.method, steps or fallback.steps)
 
 
 def _timing(timing: dict[str, float], t0: float) -> dict[str, float]:
@@ -88,15 +76,13 @@ async def extrapolate(request: Request, engine: EngineDep, settings: SettingsDep
     estimator = resolve_estimator(lm, opts.estimator, len(tlat), settings) if with_ll else "none"
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tlat, tlon)
-    solver = solver_for(lm, "sample", req.solver, req.steps, SAMPLE_SOLVER, settings.max_steps)
-    ll_solver = solver_for(lm, "log_likelihood", opts.solver, opts.steps, SAMPLE_LL_SOLVER, settings.max_steps)
-    cost = request_cost(n_ctx=ctx.n, n_tgt=len(tlat), num_samples=req.num_samples, solver=solver.method,
-                        steps=solver.steps, ll_solver=ll_solver.method if with_ll else None,
-                        ll_steps=ll_solver.steps, estimator=estimator,
-                        n_probes=opts.n_probes, gp_base=bool(getattr(lm.model, "has_task_transform", False)))
+    plan = sampling_for(lm, req.sampler, req.solver, req.steps, opts.solver, opts.steps, settings.max_steps)
+    solver, ll_solver = plan.solver, plan.ll_solver
+    cost = plan.cost(n_ctx=ctx.n, n_tgt=len(tlat), num_samples=req.num_samples, with_ll=with_ll, estimator=estimator,
+                     n_probes=opts.n_probes, gp_base=bool(getattr(lm.model, "has_task_transform", False)))
     out, timing = await engine.submit("extrapolate", lambda job: run_extrapolate(
         lm, task, num_samples=req.num_samples, solver=solver, seed=seed, with_ll=with_ll, ll_solver=ll_solver,
-        estimator=estimator, n_probes=opts.n_probes, check=job), req.timeout_s,
+        estimator=estimator, n_probes=opts.n_probes, check=job, sampler=plan.plan.name), req.timeout_s,
         request.headers.get("x-retry-ticket"), cost, lambda: _gone(request))
     metrics.nfe.labels(lm.version, "sample").inc(out["nfe"])
     if "ll" in out:
@@ -106,8 +92,8 @@ async def extrapolate(request: Request, engine: EngineDep, settings: SettingsDep
     meta = {
         "model": {"version": lm.version, "synthetic": lm.info["synthetic"]},
         "context": {"n": ctx.n, "time": ctx.time.isoformat() if ctx.time else None},
-        "sampler": {"solver": solver.method, "steps": solver.steps, "seed": seed, "nfe": out["nfe"]},
-        "log_likelihood": {"solver": ll_solver.method, "steps": ll_solver.steps},
+        "sampler": {**out["sampler"], "seed": seed},
+        "log_likelihood": {"solver": ll_solver.method, "steps": ll_solver.steps, "blocks": plan.plan.ll_blocks},
         "timing": _timing(timing, t0),
     }
     q = req.quantiles if "quantiles" in req.include else []
@@ -138,9 +124,7 @@ async def log_likelihood(request: Request, engine: EngineDep, settings: Settings
     estimator = resolve_estimator(lm, req.estimator, tg.n, settings)
     task = make_task(space, ctx.latitude, ctx.longitude, ctx.array(), tg.latitude, tg.longitude, tg.array())
     solver = solver_for(lm, "log_likelihood", req.solver, req.steps, SCORE_SOLVER, settings.max_steps)
-    cost = request_cost(n_ctx=ctx.n, n_tgt=tg.n, num_samples=1, solver=solver.method, steps=0,
-                        ll_solver=solver.method, ll_steps=solver.steps, estimator=estimator, n_probes=req.n_probes,
-                        gp_base=bool(getattr(lm.model, "has_task_transform", False)))
+    cost = score_cost(lm, solver, n_ctx=ctx.n, n_tgt=tg.n, estimator=estimator, n_probes=req.n_probes)
     res, timing = await engine.submit("log_likelihood", lambda job: run_log_likelihood(
         lm, task, solver=solver, estimator=estimator, n_probes=req.n_probes, seed=req.seed, check=job),
         req.timeout_s, request.headers.get("x-retry-ticket"), cost, lambda: _gone(request))
@@ -155,6 +139,7 @@ async def log_likelihood(request: Request, engine: EngineDep, settings: Settings
         "joint_normalised": res["joint_normalised"], "per_point_normalised": res["joint_normalised"] / n,
         "estimator": res["estimator"], "n_probes": res["n_probes"], "spread": res["spread"],
         "probe_seed": req.seed if res["estimator"].startswith("hutchinson") else None,
-        "solver": solver.method, "steps": solver.steps, "nfe": res["nfe"],
+        "solver": solver.method, "steps": solver.steps, "blocks": res["blocks"], "nfe": res["nfe"],
+        "scored_by": res["scored_by"], "exact_density": res["exact_density"],
         "timing": _timing(timing, t0),
     })
