@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="JSON of bench/ll_solver_error.py on this checkpoint: the solver defaults it supports")
     pk.add_argument("--sampler-study", type=Path, default=None,
                     help="JSON of bench/sampling_latency.py with this checkpoint as --global: its default sampler")
+    ch = sub.add_parser("choose-solvers", help="Print the sampling and likelihood solvers a bench/ll_solver_error.py "
+                        "JSON supports (`choose_solvers`), as 'SAMPLE LL', for the benchmarks run before `pack`.")
+    ch.add_argument("study", type=Path)
+    ch.add_argument("--fallback", default="euler:8,midpoint:2",
+                    help="SAMPLE,LL used for a part nothing in the study meets (the service's global defaults)")
     rs = sub.add_parser("record-samplers", help="Copy a checkpoint with its default sampler chosen from a "
                         "bench/sampling_latency.py JSON (the `samplers` the service reads).")
     rs.add_argument("checkpoint", type=Path)
@@ -179,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     rs.add_argument("--model", required=True, help="the checkpoint's name in the study (global, lfm, distilled, ...)")
     rs.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.cmd == "choose-solvers":
+        fb_sample, fb_ll = args.fallback.split(",")
+        got = choose_solvers(json.loads(args.study.read_text())) or {}
+        print(got.get("sample") or fb_sample, got.get("log_likelihood") or fb_ll)
+        return
     if args.cmd == "record-samplers":
         try:
             chosen = record_samplers(args.checkpoint, json.loads(args.study.read_text()), args.model, args.out)

@@ -96,3 +96,14 @@ def test_the_shipped_defaults_hold_on_a_fresh_task() -> None:
 def test_a_study_without_samples_never_picks_a_sampler() -> None:
     st = _study({"euler:1": 0.0}, {})
     assert choose_solvers(st)["sample"] is None and choose_solvers(st)["log_likelihood"] == "euler:1"
+
+
+def test_choose_solvers_cli_prints_the_choice_and_falls_back_per_part(tmp_path, capsys) -> None:
+    import json
+
+    from flownp.default_model import main
+
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(_study({"euler:1": 0.5, "euler:2": 0.003}, {"euler:1": 0.2})))
+    main(["choose-solvers", str(path), "--fallback", "euler:8,midpoint:2"])
+    assert capsys.readouterr().out.split() == ["euler:8", "euler:2"]  # no sampler meets it: the fallback
