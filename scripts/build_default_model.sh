@@ -4,12 +4,12 @@
 # matching on 2 CPU ranks (torchrun, gloo) -> the solver study -> the real-ERA5 benchmark at the solvers it chose
 # -> pack (its figures and its measured solver defaults in the manifest).
 # SYNTHETIC training data (never ERA5); the real map is only evaluated on. docs/results.md §5.
-# Usage: bash scripts/build_default_model.sh [WORKDIR]   (about 45 min on 2 cores; WORKDIR is scratch)
+# Usage: bash scripts/build_default_model.sh [WORKDIR]   (about 75 min on 2 cores: 40 training, 35 benchmarks; WORKDIR is scratch)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$(mktemp -d)}"
 BIN="${FLOWNP_BIN:-$(dirname "$(command -v flownp)")}"
-STEPS="${STEPS:-700}"
+STEPS="${STEPS:-1800}"
 export OMP_NUM_THREADS=1
 mkdir -p "$WORK"
 [ -f "$WORK/store/manifest.json" ] || {

@@ -1,5 +1,6 @@
 """Pretrains the embedded default model's recipe (docs/results.md §5): a FlowNP on a per-task GP base,
-trained by flow matching on the broad synthetic weather prior. Run under torchrun for 2 CPU ranks:
+trained by flow matching on the broad synthetic weather prior, with SiLU MLPs (a ReLU velocity head died in
+the first default's run: docs/results.md §5.5). Run under torchrun for 2 CPU ranks:
 
     torchrun --standalone --nproc-per-node=2 scripts/train_default.py --data STORE --out RUN --max-minutes 55
 """
@@ -7,6 +8,7 @@ trained by flow matching on the broad synthetic weather prior. Run under torchru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import torch
@@ -16,7 +18,7 @@ from flownp.jobs.train import TrainConfig, pretrain
 
 MODEL = ModelConfig(targets="independent", d_model=64, n_heads=4, n_layers=4, d_ff=128, standardise="context",
                     base="gp", whitening="symmetric", gp_kernels="matern32,matern52", gp_fit_points=256,
-                    velocity="residual")
+                    velocity="residual", activation="silu")
 
 
 def main() -> None:
@@ -27,11 +29,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="tasks per rank and step")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--activation", choices=("silu", "relu"), default=MODEL.activation,
+                   help="MLP activation; relu reproduces the recipe before the dead-head finding (docs/results.md §5.5)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = TrainConfig(steps=a.steps, lr=1e-3, warmup=50, batch_size=a.batch_size, n_ctx_min=50, n_ctx_max=1000,
                       n_tgt=128, ema_decay=0.995, ckpt_every=50, log_every=10, val_batches=4, seed=0)
-    print(pretrain(a.data, a.out, MODEL, cfg, resume=a.resume, progress=False, max_minutes=a.max_minutes))
+    model = dataclasses.replace(MODEL, activation=a.activation)
+    print(pretrain(a.data, a.out, model, cfg, resume=a.resume, progress=False, max_minutes=a.max_minutes))
 
 
 if __name__ == "__main__":
