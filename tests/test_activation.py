@@ -24,9 +24,13 @@ def test_activation_round_trips_and_bad_values_are_refused() -> None:
 
 
 def test_a_checkpoint_without_the_setting_rebuilds_as_relu() -> None:
+    """Checkpoints written before the setting existed (the first default among them) rebuild as ReLU; the
+    shipped default records SiLU and rebuilds as SiLU."""
     ck = load_checkpoint(default_paths()[0])
-    assert "activation" not in ck["model_config"]
-    assert isinstance(model_from_checkpoint(ck).head[1], torch.nn.ReLU)
+    assert ck["model_config"]["activation"] == "silu"
+    assert isinstance(model_from_checkpoint(ck).head[1], torch.nn.SiLU)
+    old = {**ck, "model_config": {k: v for k, v in ck["model_config"].items() if k != "activation"}}
+    assert isinstance(model_from_checkpoint(old).head[1], torch.nn.ReLU)
 
 
 @pytest.mark.parametrize("activation, alive", [("relu", 0.0), ("silu", 1.0)])
