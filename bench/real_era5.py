@@ -270,6 +270,10 @@ def to_era5(res: dict[str, Any]) -> dict[str, Any]:
         "log_lik_model_units": res["tar_ll_physical"],
         "log_lik_normalised": res["tar_ll"],
         "ll_kind": res["predictor"]["ll_kind"],
+        # per split, in split order (one task per batch): a paired difference between two models run on the
+        # same splits has a far smaller error than the difference of their across-split standard errors
+        "log_lik_per_split": [x + res["tar_ll_physical"] - res["tar_ll"] + ERA5_LOG_JACOBIAN
+                              for x in res.get("tar_ll_tasks", [])],
     }
     if "rmse" in res:
         out["rmse"] = {n: res["rmse"][n] / scale[n] for n in NAMES}

@@ -84,6 +84,9 @@ def test_quick_json_structure_and_units(quick_run, bench):
             assert e["rmse"]["t2m"] == pytest.approx(raw["rmse"]["t2m"])
             assert e["log_lik"] == pytest.approx(raw["tar_ll_physical"] - math.log(1000.0))
             assert raw["n_tasks"] == 2 and raw["n_samples"] == 4
+            # per split (one task per batch, split order): their mean is the reported log-likelihood
+            assert len(e["log_lik_per_split"]) == 2
+            assert sum(e["log_lik_per_split"]) / 2 == pytest.approx(e["log_lik"])
         flow = next(lbl for lbl in labels if lbl.startswith("FlowNP"))
         assert set(r["compare"][flow]["goals"]) == set(bench.GOAL_TEXT)
         assert r["compare"]["GP (fitted)"]["log_lik_minus_gp"] == 0.0

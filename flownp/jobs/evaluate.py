@@ -157,6 +157,7 @@ def evaluate_predictor(pred: Predictor, batches: Iterable[TaskBatch], normalizer
         "n_tasks": len(ll),
         "tar_ll": float(np.mean(acc.ll_batch_means)),
         "tar_ll_task_mean": float(ll.mean()),
+        "tar_ll_tasks": [float(x) for x in ll],  # per task, in batch order (paired comparisons across models)
         "tar_ll_stderr": float(ll.std(ddof=1) / math.sqrt(len(ll))) if len(ll) > 1 else None,
         "tar_ll_era5": float(np.mean(acc.ll_batch_means)) + log_jacobian(normalizer, "era5"),
         "tar_ll_physical": float(np.mean(acc.ll_batch_means)) + log_jacobian(normalizer, "model"),
