@@ -31,6 +31,7 @@ from flownp.checkpoint import lineage_n_ctx_min, load_verified, model_from_check
 from flownp.core.likelihood import log_likelihood as _log_likelihood
 from flownp.core.likelihood import resolve_estimator as resolve_core_estimator
 from flownp.core.model import count_parameters
+from flownp.core.sampling import CheckedFlow
 from flownp.core.sampling import sample as _sample
 from flownp.core.sampling import task_transform as _task_transform
 from flownp.core.solvers import FIXED, SolverConfig
@@ -204,27 +205,13 @@ def resolve_estimator(independent: bool, estimator: str, n_tgt: int, max_exact_f
     return resolved
 
 
-class _Watched:
+class _Watched(CheckedFlow):
     """The model as flownp.core.sampling / flownp.core.likelihood see it, calling `check()` at every
-    velocity evaluation (so a job can be stopped within one solver step)."""
-
-    def __init__(self, model: Any, check: Callable[[], None]) -> None:
-        self._m, self._check = model, check
-
-    @property
-    def config(self) -> Any:
-        return self._m.config
-
-    def encode_context(self, *a: Any, **kw: Any) -> Any:
-        self._check()
-        return self._m.encode_context(*a, **kw)
-
-    def velocity(self, *a: Any, **kw: Any) -> Any:
-        self._check()
-        return self._m.velocity(*a, **kw)
+    velocity evaluation (so a job can be stopped within one solver step), and reaching a GAV model's base
+    and an LFM's or distilled model's own solves with the same check."""
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._m, name)
+        attr = getattr(self._flow, name)
         if name == "base" and hasattr(attr, "velocity"):  # a GAV model's likelihood calls its base directly
             return _Watched(attr, self._check)
         if name in ("flow_samples", "flow_log_likelihood"):  # an LFM's blocks, a distilled model's maps/teacher

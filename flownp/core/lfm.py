@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from flownp.core.likelihood import (LikelihoodResult, check_estimator, divergenc
                                     standard_normal_log_density)
 from flownp.core.model import FlowNP
 from flownp.core.paths import flow_matching_loss, sample_path, scaled_frame
-from flownp.core.sampling import flow_samples
+from flownp.core.sampling import Check, CheckedFlow, flow_samples
 from flownp.core.solvers import SolverConfig
 
 
@@ -102,31 +102,9 @@ class LFMConfig(_Plain):
         return SolverConfig(self.push_method, self.push_steps)
 
 
-Check = Callable[[], None]
-
-
-class _Checked:
-    """A flow (block, map, teacher) as the solvers see it, calling `check()` before every context encoding
-    and velocity evaluation; everything else is the flow's own."""
-
-    def __init__(self, flow: Any, check: Check) -> None:
-        self._flow, self._check = flow, check
-
-    def encode_context(self, *a: Any, **kw: Any) -> Any:
-        self._check()
-        return self._flow.encode_context(*a, **kw)
-
-    def velocity(self, *a: Any, **kw: Any) -> Any:
-        self._check()
-        return self._flow.velocity(*a, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._flow, name)
-
-
 def checked(flow: Any, check: Check | None) -> Any:
     """`flow` with `check()` called at each of its evaluations (the flow itself when check is None)."""
-    return flow if check is None else _Checked(flow, check)
+    return flow if check is None else CheckedFlow(flow, check)
 
 
 def _state4(y: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,6 +17,29 @@ from flownp.core.solvers import SolverConfig, solve
 class SampleResult:
     samples: torch.Tensor  # (B, S, n_tgt, D) normalised
     nfe: int
+
+
+Check = Callable[[], None]
+
+
+class CheckedFlow:
+    """A flow (a FlowNP, an LFM block, a distilled map or teacher) as the solvers see it, calling `check()`
+    before every context encoding and velocity evaluation (a job's deadline or cancellation, raised from
+    there); everything else is the flow's own."""
+
+    def __init__(self, flow: Any, check: Check) -> None:
+        self._flow, self._check = flow, check
+
+    def encode_context(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._flow.encode_context(*a, **kw)
+
+    def velocity(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._flow.velocity(*a, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._flow, name)
 
 
 def task_transform(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor) -> Any:
