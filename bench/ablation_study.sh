@@ -9,6 +9,9 @@
 #   silu   as broad, with SiLU instead of ReLU in the MLPs (ModelConfig.activation; 500 steps in the run
 #          reported in docs/results.md §5.5)
 #   jsilu  as silu, joint targets (the joint-vs-independent row, both with live SiLU heads)
+#   pw     as silu, arch pointwise: the transformer reads target locations only, value and time enter a
+#          4-layer head (the transformer runs once per solve; the divergence is 4 VJPs through the head)
+#   pwn    as pw, the head also attending to its 16 nearest context points (head_neighbours)
 #   gp0    the gp row untrained (one step at learning rate 0: the zero-initialised head keeps the flow at zero,
 #          so the model is exactly its GP base; scored with Euler 1, which is exact for a zero flow)
 # Each model is evaluated on the GP law's frozen dense / sparse sets (with the exact oracle) and on the real
@@ -90,6 +93,9 @@ row() {  # row NAME: train the row's model with its settings
     joint) train joint store-broad --targets joint $GPB ;;
     silu) train silu store-broad --targets independent $GPB --activation silu ;;
     jsilu) train jsilu store-broad --targets joint $GPB --activation silu ;;
+    pw) train pw store-broad --targets independent $GPB --activation silu --arch pointwise --head-layers 4 ;;
+    pwn) train pwn store-broad --targets independent $GPB --activation silu --arch pointwise --head-layers 4 \
+      --head-neighbours 16 ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

@@ -20,10 +20,13 @@ ROWS = (("ref", "reference (N(0, I) base, no standardisation)"),
         ("gp0", "GP base alone (untrained residual: zero flow)"),
         ("gp", "+ GP base, residual velocity"),
         ("broad", "+ broad prior (independent targets)"),
-        ("silu", "+ broad prior, SiLU head (500 steps)"),
+        ("silu", "+ broad prior, SiLU head"),
         ("silu2", "same, 500 more steps (cosine restarted at 5e-4)"),
         ("joint", "broad prior, joint targets"),
-        ("jsilu", "broad prior, SiLU head, joint targets"))
+        ("jsilu", "broad prior, SiLU head, joint targets"),
+        ("pw", "broad prior, SiLU, arch pointwise (value and time in the head)"),
+        ("pwn", "same, the head attending to 16 nearest context points"))
+PAIRS = (("jsilu", "silu"), ("pw", "silu"), ("pwn", "silu"), ("pwn", "pw"))  # (row, against): paired real-map log-likelihood differences
 VARS = ("sp", "t2m", "u10", "v10")
 
 
@@ -39,6 +42,15 @@ def _wall(out: Path) -> str:
     return f"{float(m[-1]) / 60:.0f}" if m else ""
 
 
+def _steps(run: Path) -> str:
+    """The last optimiser step in a run's log ('' when absent)."""
+    log = run / "log.jsonl"
+    if not log.is_file():
+        return ""
+    steps = [json.loads(line).get("step") for line in log.read_text().splitlines() if line.strip()]
+    return str(max((s for s in steps if s is not None), default=""))
+
+
 def _fmt(x: float | None, nd: int = 3) -> str:
     return "" if x is None else f"{x:.{nd}f}"
 
@@ -46,8 +58,8 @@ def _fmt(x: float | None, nd: int = 3) -> str:
 def synthetic_table(res: Path) -> list[str]:
     """Gaps to the oracle (each checkpoint's tar_ll is in its own normalised units; the gap is not) and the
     sample-mean RMSE in model units (kPa, degC, m/s)."""
-    lines = ["| model | train min | gap to oracle, dense | sparse | RMSE dense sp / t2m / u10 / v10 | RMSE sparse t2m |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | steps | train min | gap to oracle, dense | sparse | RMSE dense sp / t2m / u10 / v10 | RMSE sparse t2m |",
+             "|---|---|---|---|---|---|---|"]
     oracle: dict[str, Any] = {}
     base: dict[str, dict[str, Any]] = {}
 
@@ -64,7 +76,7 @@ def synthetic_table(res: Path) -> list[str]:
                 for k in ("idw", "gp"):
                     if k in r:
                         base.setdefault(k, {})[regime] = r[k]
-        lines.append("| " + " | ".join([label, _wall(res.parent / f"train-{name}.out"),
+        lines.append("| " + " | ".join([label, _steps(res.parent / f"run-{name}"), _wall(res.parent / f"train-{name}.out"),
                                         _fmt(d.get("gap_to_oracle")) if d else "",
                                         _fmt(s.get("gap_to_oracle")) if s else "",
                                         rmse4(d["flownp"] if d else None),
@@ -73,10 +85,10 @@ def synthetic_table(res: Path) -> list[str]:
         if k in base:
             b = base[k]
             gaps = [_fmt(oracle[g]["tar_ll"] - b[g]["tar_ll"]) if g in b and oracle.get(g) else "" for g in ("dense", "sparse")]
-            lines.append("| " + " | ".join([label, "", *gaps, rmse4(b.get("dense")),
+            lines.append("| " + " | ".join([label, "", "", *gaps, rmse4(b.get("dense")),
                                             _fmt(b["sparse"]["rmse"]["t2m"]) if "sparse" in b else ""]) + " |")
     if oracle.get("dense"):
-        lines.append("| oracle | | 0 | 0 | " + rmse4(oracle["dense"]) + " | "
+        lines.append("| oracle | | | 0 | 0 | " + rmse4(oracle["dense"]) + " | "
                      + (_fmt(oracle["sparse"]["rmse"]["t2m"]) if oracle.get("sparse") else "") + " |")
     return lines
 
@@ -103,6 +115,34 @@ def real_table(res: Path, regime: str) -> list[str]:
     return lines
 
 
+def _per_split(r: dict[str, Any] | None, regime: str) -> list[float] | None:
+    if not r:
+        return None
+    ms = list(r["regimes"][regime]["era5"].values())
+    return ms[0].get("log_lik_per_split") if ms else None
+
+
+def paired_table(res: Path) -> list[str]:
+    """Real-map log-likelihood differences on the same splits (row - against), nats per target point, with
+    the standard error of the paired differences: far smaller than either row's spread across splits."""
+    lines = ["| row - against | dense: mean ± s.e. (splits) | sparse: mean ± s.e. (splits) |", "|---|---|---|"]
+    for a, b in PAIRS:
+        cells = []
+        for regime in ("dense", "sparse"):
+            pa = _per_split(_load(res / f"{a}-real-{regime}.json"), regime)
+            pb = _per_split(_load(res / f"{b}-real-{regime}.json"), regime)
+            if not pa or not pb or len(pa) != len(pb) or len(pa) < 2:
+                cells.append("")
+                continue
+            d = [x - y for x, y in zip(pa, pb)]
+            mean = sum(d) / len(d)
+            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+            cells.append(f"{mean:+.4f} ± {se:.4f} ({len(d)})")
+        if any(cells):
+            lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path)
@@ -112,6 +152,8 @@ def main() -> None:
     for regime in ("dense", "sparse"):
         print(f"\nReal ERA5 map, {regime}:\n")
         print("\n".join(real_table(a.results, regime)))
+    print("\nPaired real-map log-likelihood differences (same splits):\n")
+    print("\n".join(paired_table(a.results)))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from flownp import samplers as _samplers
 from flownp.checkpoint import lineage_n_ctx_min, load_verified, model_from_checkpoint
 from flownp.core.likelihood import log_likelihood as _log_likelihood
 from flownp.core.likelihood import resolve_estimator as resolve_core_estimator
+from flownp.core.likelihood import samples_log_likelihood as _samples_log_likelihood
 from flownp.core.model import count_parameters
 from flownp.core.sampling import CheckedFlow
 from flownp.core.sampling import sample as _sample
@@ -242,9 +243,8 @@ def extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: Solver
     if with_ll:
         s, n = num_samples, task.xt.shape[1]
         m = _watched(plan.scorer, check)
-        ll = _log_likelihood(m, task.xc.expand(s, -1, -1), task.yc.expand(s, -1, -1), task.xt.expand(s, -1, -1),
-                             smp, solver=ll_solver, estimator=estimator, n_probes=n_probes, seed=seed,
-                             transform=None if tr is None else tr.repeat(s))
+        ll = _samples_log_likelihood(m, task.xc, task.yc, task.xt, smp[None], solver=ll_solver, estimator=estimator,
+                                     n_probes=n_probes, seed=seed, transform=tr)
         joint_n = ll.joint.numpy().astype(np.float64)
         out["ll"] = {"joint": lm.space.log_density(joint_n, n, "era5"), "joint_normalised": joint_n,
                      "units": LL_UNITS, "kind": LL_KIND,

@@ -14,7 +14,7 @@ from scipy.stats import multivariate_normal
 
 from flownp.core.config import ModelConfig
 from flownp.core.gp_base import GPFitSettings, fit_hyper, gp_posterior, kernel, standardiser, task_transform
-from flownp.core.likelihood import log_likelihood
+from flownp.core.likelihood import log_likelihood, samples_log_likelihood
 from flownp.core.model import FlowNP
 from flownp.core.sampling import sample
 from flownp.core.solvers import SolverConfig
@@ -223,10 +223,12 @@ def test_gp_base_model_trains_and_fine_tunes(tiny_store, tmp_path):
     assert (tmp_path / "ft" / "last.pt").exists()
 
 
-def test_a_repeated_transform_scores_samples_as_a_fresh_one():
-    """Scoring S samples of one task with the task's transform repeated gives what fitting it per copy gives."""
+@pytest.mark.parametrize("arch", ["cached", "pointwise"])
+def test_a_repeated_transform_scores_samples_as_a_fresh_one(arch):
+    """Scoring S samples of one task with the task's transform repeated gives what fitting it per copy gives,
+    and so does samples_log_likelihood (one context encoding for the S samples)."""
     xc, yc, xt, _ = (a.double() for a in _task(7, b=2))
-    model = _model(standardise="context", base="gp", velocity="residual")
+    model = _model(standardise="context", base="gp", velocity="residual", arch=arch)
     torch.nn.init.normal_(model.head[-1].weight, std=0.1)
     tr = model.task_transform(xc, yc, xt)
     s = sample(model, xc, yc, xt, n_samples=3, solver=SolverConfig("euler", 4), transform=tr,
@@ -237,6 +239,8 @@ def test_a_repeated_transform_scores_samples_as_a_fresh_one():
     fast = log_likelihood(model, rep(xc), rep(yc), rep(xt), flat, transform=tr.repeat(3), **kw).joint
     slow = log_likelihood(model, rep(xc), rep(yc), rep(xt), flat, **kw).joint
     assert torch.allclose(fast, slow, atol=1e-9)
+    shared = samples_log_likelihood(model, xc, yc, xt, s, transform=tr, **kw).joint
+    assert torch.allclose(shared, slow, atol=1e-9)
     # the copies share the task's whitening: nothing of size n_t x n_t per copy
     assert tr.repeat(3).base.w.shape[0] == 2
 

@@ -14,6 +14,8 @@ CONFIGS = {
     "reference": ModelConfig(arch="reference", encoding="reference", **TINY),
     "cached-joint": ModelConfig(targets="joint", **TINY),
     "cached-independent": ModelConfig(targets="independent", **TINY),
+    "pointwise": ModelConfig(arch="pointwise", targets="independent", head_layers=3, **TINY),
+    "pointwise-nb": ModelConfig(arch="pointwise", targets="independent", head_neighbours=3, **TINY),
 }
 
 
@@ -34,6 +36,13 @@ def test_config_round_trip_and_validation():
         ModelConfig(arch="reference", targets="independent")
     with pytest.raises(ValueError, match="unknown model config"):
         ModelConfig.from_dict({**c.to_dict(), "depth": 3})
+    with pytest.raises(ValueError, match="pointwise.*independent"):
+        ModelConfig(arch="pointwise", targets="joint")
+    with pytest.raises(ValueError, match="head_layers"):
+        ModelConfig(head_layers=1)
+    with pytest.raises(ValueError, match="head_neighbours"):
+        ModelConfig(head_neighbours=4)  # only with arch='pointwise'
+
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -48,8 +57,9 @@ def test_permutation_equivariance(name):
     torch.testing.assert_close(m(xc[:, pc], yc[:, pc], xt, yt, t), v, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,independent", [("cached-independent", True), ("cached-joint", False),
-                                              ("reference", False)])
+@pytest.mark.parametrize("name,independent", [("cached-independent", True), ("pointwise", True),
+                                              ("pointwise-nb", True),
+                                              ("cached-joint", False), ("reference", False)])
 def test_independent_targets_do_not_see_each_other(name, independent):
     torch.manual_seed(1)
     m = FlowNP(CONFIGS[name]).eval()
@@ -61,9 +71,10 @@ def test_independent_targets_do_not_see_each_other(name, independent):
     assert (moved < 1e-6) if independent else (moved > 1e-4)
 
 
-def test_exact_block_trace_equals_full_jacobian_trace_for_independent_targets():
+@pytest.mark.parametrize("name", ["cached-independent", "pointwise", "pointwise-nb"])
+def test_exact_block_trace_equals_full_jacobian_trace_for_independent_targets(name):
     torch.manual_seed(2)
-    m = FlowNP(CONFIGS["cached-independent"]).double().eval()
+    m = FlowNP(CONFIGS[name]).double().eval()
     xc, yc, xt, yt = (a.double() for a in data())
     cfg = SolverConfig("rk4", 4)
     blocks = log_likelihood(m, xc, yc, xt, yt, solver=cfg, estimator="auto")
@@ -111,7 +122,8 @@ def test_sampling_shapes_seeds_and_ode_inverse():
     torch.testing.assert_close(back.state[0], y0[:, 0], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["cached-joint", "cached-independent", "reference"])
+@pytest.mark.parametrize("name", ["cached-joint", "cached-independent", "pointwise", "pointwise-nb",
+                                  "reference"])
 def test_likelihood_is_differentiable_twice_for_training(name):
     """create_graph=True differentiates the divergence (needs attention with a second derivative)."""
     torch.manual_seed(5)
@@ -123,3 +135,67 @@ def test_likelihood_is_differentiable_twice_for_training(name):
     grads = [p.grad for p in m.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_pointwise_transformer_runs_once_per_solve_and_task():
+    """arch='pointwise': the targets' transformer pass depends on their locations only, so a whole solve
+    (every step, every sample) runs it once per task; the velocity is the same as a fresh evaluation."""
+    torch.manual_seed(6)
+    m = FlowNP(CONFIGS["pointwise"]).double().eval()
+    xc, yc, xt, yt = (a.double() for a in data())
+    calls = _count_calls(m.embed_target)
+    s = sample(m, xc, yc, xt, n_samples=3, solver=SolverConfig("euler", 8), generator=torch.Generator().manual_seed(0))
+    assert s.nfe == 8 and calls[0] == 1
+    ctx = m.encode_context(xc, yc)
+    v = m.velocity(ctx, xt, yt, 0.4)
+    torch.testing.assert_close(m.velocity(ctx, xt, yt + 1.0, 0.7),
+                               m.velocity(m.encode_context(xc, yc), xt.clone(), yt + 1.0, 0.7))
+    assert calls[0] == 3  # a new context and a new xt tensor each recompute it
+    assert not torch.allclose(v, m.velocity(ctx, xt, yt + 1.0, 0.4))  # the value does reach the head
+
+
+@pytest.mark.parametrize("name", ["cached-independent", "pointwise", "pointwise-nb", "cached-joint"])
+def test_samples_log_likelihood_equals_scoring_each_copy(name):
+    """samples_log_likelihood shares the context's (and the pointwise targets') work among a task's S
+    samples; it gives what log_likelihood gives on S copies of the task."""
+    from flownp.core.likelihood import samples_log_likelihood
+    torch.manual_seed(7)
+    m = FlowNP(CONFIGS[name]).double().eval()
+    xc, yc, xt, _ = (a.double() for a in data())
+    ys = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    cfg = SolverConfig("euler", 3)
+    est = "exact" if name == "cached-joint" else "auto"
+    shared = samples_log_likelihood(m, xc, yc, xt, ys, solver=cfg, estimator=est)
+    rep = lambda z: z.repeat_interleave(3, dim=0)  # noqa: E731
+    each = log_likelihood(m, rep(xc), rep(yc), rep(xt), ys.reshape(6, 5, 4), solver=cfg, estimator=est)
+    torch.testing.assert_close(shared.joint, each.joint, atol=1e-9, rtol=0)
+    assert shared.estimator == each.estimator
+
+
+def test_pointwise_head_neighbours_are_the_nearest_context_points():
+    """head_neighbours = k: besides the transformer's summary, a target's head reads the final states of
+    its k nearest context points only: changing a far point's state changes nothing, a near one's does."""
+    import dataclasses
+    torch.manual_seed(8)
+    m = FlowNP(CONFIGS["pointwise-nb"]).double().eval()
+    xc, yc, xt, yt = (a.double() for a in data(b=1, nc=7, nt=1))
+    dist = ((xc[0] - xt[0, 0]) ** 2).sum(-1)
+    ctx = m.encode_context(xc, yc)
+    assert m._target_features(ctx, xt).keys.shape == (1, 1, 2, 3, 8)  # (B, n, heads, k, d_head)
+    v = m.velocity(ctx, xt, yt, 0.5)
+
+    def moved(point: int) -> float:
+        out = ctx.out.clone()
+        out[0, point] += 3.0
+        c2 = dataclasses.replace(ctx, out=out, features=[])
+        c2.kv = ctx.kv  # the transformer's summary h is the same (it reads kv, not out)
+        return float((m.velocity(c2, xt, yt, 0.5) - v).detach().abs().max())
+
+    assert moved(int(dist.argmax())) < 1e-12
+    assert moved(int(dist.argmin())) > 1e-6

@@ -7,6 +7,7 @@ from typing import Any
 
 
 ACTIVATIONS = ("relu", "silu")
+ARCHS = ("reference", "cached", "pointwise")
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,14 @@ class ModelConfig:
     arch:     "reference": the published model (all tokens attend to all, post-LN nn.TransformerEncoder);
               "cached":    context tokens attend to the context only, so their per-layer keys/values are
                            computed once per ODE solve and reused at every step and sample.
+              "pointwise": as "cached" with independent targets, but a target's token carries only its
+                           location: its value y_t and the time t enter the head MLP with the transformer's
+                           output for that location. The transformer runs once per solve (not per step),
+                           and the exact divergence is y_dim vector-Jacobian products through the head
+                           alone (docs/protocol.md §7.1). `head_neighbours` k > 0 gives the head one
+                           attention over the k nearest context points (their final context states and
+                           offsets), queried by the state, time and location summary: a value-dependent
+                           look at the neighbourhood at the cost of k keys, not n_ctx, per step.
     targets:  "joint" (targets attend to the context and to each other: samples are spatially coherent)
               or "independent" (each target attends to the context and itself: its flow depends only on
               itself and the context, the Jacobian is block diagonal and the exact trace costs y_dim
@@ -60,6 +69,8 @@ class ModelConfig:
     embed_hidden: int = 64
     embed_layers: int = 4      # linear layers of the token-embedding MLP
     head_hidden: int = 128
+    head_layers: int = 2       # linear layers of the head MLP
+    head_neighbours: int = 0   # arch='pointwise': context points the head attends to (0: none)
     standardise: str = "none"
     base: str = "standard"
     whitening: str = "symmetric"
@@ -74,12 +85,19 @@ class ModelConfig:
     activation: str = "relu"
 
     def __post_init__(self) -> None:
-        if self.arch not in ("reference", "cached"):
-            raise ValueError(f"arch must be 'reference' or 'cached', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.targets not in ("joint", "independent"):
             raise ValueError(f"targets must be 'joint' or 'independent', got {self.targets!r}")
         if self.arch == "reference" and self.targets != "joint":
             raise ValueError("arch='reference' generates targets jointly; use arch='cached' for independent")
+        if self.arch == "pointwise" and self.targets != "independent":
+            raise ValueError("arch='pointwise' feeds each target's value to its own head only: it needs "
+                             "targets='independent' (use arch='cached' for joint targets)")
+        if self.head_neighbours < 0 or (self.head_neighbours and self.arch != "pointwise"):
+            raise ValueError("head_neighbours must be >= 0, and > 0 only with arch='pointwise'")
+        if self.head_layers < 2:
+            raise ValueError("head_layers must be >= 2")
         if self.encoding not in ("reference", "lowfreq"):
             raise ValueError(f"encoding must be 'reference' or 'lowfreq', got {self.encoding!r}")
         if self.standardise not in ("none", "context"):

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flownp.core.sampling import task_transform
+from flownp.core.sampling import expand_samples, task_transform
 from flownp.core.solvers import SolverConfig, solve
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -191,6 +191,34 @@ def log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Ten
     return dataclasses.replace(res, joint=joint, per_point=joint / res.n_targets)
 
 
+def samples_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, ys: torch.Tensor, *,
+                           solver: SolverConfig, estimator: str = "auto", n_probes: int = 1,
+                           probe: str = "rademacher", seed: int = 0, transform: Any = None) -> LikelihoodResult:
+    """log p of S sample sets ys (B, S, n_tgt, D) of each of the B tasks xc, yc, xt (normalised) -> a
+    result over B * S rows (sample index fastest), as `log_likelihood` of each copy. A FlowNP encodes a
+    task's context (and, arch='pointwise', its targets' transformer pass) once for its S samples; a model
+    with its own flow-space likelihood (LFM, distilled) or a GAV residual scores B * S copies.
+    `transform`: the B tasks' per-task transform, if already computed."""
+    b, s = ys.shape[:2]
+    flat = ys.reshape(b * s, *ys.shape[2:])
+    tr = transform if transform is not None else task_transform(model, xc, yc, xt)
+    tr_s = None if tr is None else tr.repeat(s)
+    shared = (getattr(model, "expand_samples", None) is not None and getattr(model, "gav_config", None) is None
+              and getattr(model, "flow_log_likelihood", None) is None)
+    if not shared:
+        rep = lambda z: z.repeat_interleave(s, dim=0)  # noqa: E731
+        return log_likelihood(model, rep(xc), rep(yc), rep(xt), flat, solver=solver, estimator=estimator,
+                              n_probes=n_probes, probe=probe, seed=seed, transform=tr_s)
+    estimator = resolve_estimator(model.config.targets == "independent", estimator)
+    vf, _ = flow_field(model, xc, yc if tr is None else tr.context(yc), xt, samples=s)
+    res = log_likelihood_fn(vf, flat if tr_s is None else tr_s.forward(flat), solver=solver, estimator=estimator,
+                            n_probes=n_probes, probe=probe, seed=seed)
+    if tr_s is None:
+        return res
+    joint = res.joint + tr_s.log_jacobian().to(res.joint.dtype)
+    return dataclasses.replace(res, joint=joint, per_point=joint / res.n_targets)
+
+
 def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *,
                         solver: SolverConfig = SolverConfig("midpoint", 100), estimator: str = "auto",
                         n_probes: int = 1, probe: str = "rademacher", seed: int = 0,
@@ -203,11 +231,15 @@ def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torc
 
 
 def flow_field(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor,
-               create_graph: bool = False) -> tuple[VelocityFn, KnownFn | None]:
+               create_graph: bool = False, samples: int = 1) -> tuple[VelocityFn, KnownFn | None]:
     """A FlowNP's (or GAV model's) velocity as the likelihood integrates it, its context encoded once:
-    (vf(t, y), the part whose divergence is known exactly or None)."""
+    (vf(t, y), the part whose divergence is known exactly or None). samples > 1: y has B * samples rows
+    for the B tasks of xc, yc, xt (sample index fastest), whose work is shared (a FlowNP's
+    `expand_samples`)."""
     with torch.set_grad_enabled(create_graph):
         ctx = model.encode_context(xc, yc)
+        if samples > 1:
+            ctx, xt = expand_samples(model, ctx, xt, samples)
     vf: VelocityFn = lambda t, y: model.velocity(ctx, xt, y, t)  # noqa: E731
     known: KnownFn | None = None
     gav = getattr(model, "gav_config", None)

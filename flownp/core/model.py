@@ -7,7 +7,7 @@ Tokens: [enc(x), enc(t), y]; context tokens use t = 1 and the clean values (docs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +104,31 @@ class Context:
     yc: torch.Tensor
     tokens: torch.Tensor
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # arch='pointwise': the transformer's output for the last target locations seen, (xt, (B, n_tgt, d)),
+    # reused while a solve passes the same xt tensor
+    features: list[tuple[torch.Tensor, "TargetFeatures"]] = field(default_factory=list)
+    out: torch.Tensor | None = None  # arch='cached'/'pointwise': the context tokens after the last block
 
     def repeat(self, n: int) -> "Context":
         """The same context for n samples per task: batch B -> B * n (sample index fastest)."""
         r = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
         kv = [(r(k), r(v)) for k, v in self.kv] if self.kv is not None else None
-        return Context(r(self.xc), r(self.yc), r(self.tokens), kv)
+        return Context(r(self.xc), r(self.yc), r(self.tokens), kv, out=None if self.out is None else r(self.out))
+
+
+@dataclass
+class TargetFeatures:
+    """arch='pointwise': what a solve computes once per task at the target locations. h (B, n_tgt, d_model):
+    the transformer's output; keys, values (B, n_tgt, heads, k, d_head) of the k nearest context points
+    (head_neighbours > 0) or None."""
+
+    h: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def repeat(self, n: int) -> "TargetFeatures":
+        r = lambda x: None if x is None else x.repeat_interleave(n, dim=0)  # noqa: E731
+        return TargetFeatures(r(self.h), r(self.keys), r(self.values))
 
 
 class FlowNP(nn.Module):
@@ -124,15 +143,24 @@ class FlowNP(nn.Module):
         else:
             self.enc_x = Sinusoidal(geometric_freqs(c.space_freqs, c.space_max_log2))
             self.enc_t = Sinusoidal(geometric_freqs(c.time_freqs, c.time_freqs - 3.0))
-        n_in = c.x_dim * self.enc_x.out_per_scalar + self.enc_t.out_per_scalar + c.y_dim
+        n_t, n_y = self.enc_t.out_per_scalar, c.y_dim
+        n_in = c.x_dim * self.enc_x.out_per_scalar + n_t + n_y
         self.embed = _mlp([n_in] + [c.embed_hidden] * (c.embed_layers - 1) + [c.d_model], c.activation)
+        if c.arch == "pointwise":  # target tokens: the location alone; t and y go to the head
+            self.embed_target = _mlp([n_in - n_t - n_y] + [c.embed_hidden] * (c.embed_layers - 1) + [c.d_model],
+                                     c.activation)
         if c.arch == "reference":
             layer = nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff, dropout=0.0, batch_first=True,
                                                norm_first=False)
             self.encoder = nn.TransformerEncoder(layer, c.n_layers, enable_nested_tensor=False)
         else:
             self.blocks = nn.ModuleList(CachedBlock(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
-        self.head = _mlp([c.d_model, c.head_hidden, c.y_dim], c.activation)
+        n_head = c.d_model + (n_t + n_y if c.arch == "pointwise" else 0)
+        if c.head_neighbours:  # the head's look at the nearest context points: keys from states and offsets
+            self.nb_kv = nn.Linear(c.d_model + c.x_dim * self.enc_x.out_per_scalar, 2 * c.d_model)
+            self.nb_q = nn.Linear(n_head, c.d_model)
+            n_head += c.d_model
+        self.head = _mlp([n_head] + [c.head_hidden] * (c.head_layers - 1) + [c.y_dim], c.activation)
         if c.velocity == "residual":  # the untrained model is exactly its base distribution
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
@@ -154,12 +182,21 @@ class FlowNP(nn.Module):
         for blk in self.blocks:
             h, k, v = blk.context(h)
             kv.append((k, v))
-        return Context(xc, yc, tokens, kv)
+        return Context(xc, yc, tokens, kv, out=h)
 
     def velocity(self, ctx: Context, xt: torch.Tensor, yt: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """v(t, yt | context): (B, n_tgt, y_dim)."""
         t = torch.as_tensor(t, dtype=yt.dtype, device=yt.device)
         t = t.reshape(t.shape + (1,) * (2 - t.dim())).expand(yt.shape[:-1]) if t.dim() < 2 else t
+        if self.config.arch == "pointwise":
+            f = self._target_features(ctx, xt)
+            z = torch.cat([f.h, self.enc_t(t.unsqueeze(-1)), yt], dim=-1)
+            if f.keys is not None:
+                b, n, heads, _, dh = f.keys.shape
+                q = self.nb_q(z).view(b, n, heads, 1, dh)
+                p = torch.softmax((q * f.keys).sum(-1) / dh**0.5, dim=-1)  # (B, n, heads, k)
+                z = torch.cat([z, (p[..., None] * f.values).sum(-2).reshape(b, n, heads * dh)], dim=-1)
+            return self.head(z)
         ht = self._tokens(xt, yt, t)
         if self.config.arch == "reference":
             h = self.encoder(torch.cat([ctx.tokens, ht], dim=1))[:, ctx.tokens.shape[1]:]
@@ -168,6 +205,42 @@ class FlowNP(nn.Module):
             for blk, (k, v) in zip(self.blocks, ctx.kv):
                 h = blk.target(h, k, v, self.joint)
         return self.head(h)
+
+    def expand_samples(self, ctx: Context, xt: torch.Tensor, n: int) -> tuple[Context, torch.Tensor]:
+        """A context of B tasks and their target locations xt (B, n_tgt, x_dim) for n samples per task:
+        -> (context of B * n rows, xt (B * n, n_tgt, x_dim)), sample index fastest. The context is encoded
+        once, and (arch='pointwise') the transformer's target pass runs once per task, not per sample."""
+        xs = xt.repeat_interleave(n, dim=0)
+        rep = ctx.repeat(n)
+        if self.config.arch == "pointwise":
+            rep.features[:] = [(xs, self._target_features(ctx, xt).repeat(n))]
+        return rep, xs
+
+    def _target_features(self, ctx: Context, xt: torch.Tensor) -> TargetFeatures:
+        """arch='pointwise': the transformer's output at the target locations xt (each attending to the
+        context and itself) and the nearest context points' keys and values; computed once per xt tensor
+        and context (a whole solve), with gradients only if the context carries them."""
+        for x, f in ctx.features:
+            if x is xt:
+                return f
+        c = self.config
+        with torch.set_grad_enabled(torch.is_grad_enabled() and ctx.tokens.requires_grad):
+            h = self.embed_target(self.enc_x(xt))
+            for blk, (k, v) in zip(self.blocks, ctx.kv):
+                h = blk.target(h, k, v, joint=False)
+            f = TargetFeatures(h)
+            if c.head_neighbours:
+                b, n, _ = xt.shape
+                kk = min(c.head_neighbours, ctx.xc.shape[1])
+                d2 = (xt.pow(2).sum(-1)[..., None] + ctx.xc.pow(2).sum(-1)[:, None] - 2 * xt @ ctx.xc.transpose(1, 2))
+                idx = d2.topk(kk, dim=-1, largest=False).indices  # (B, n, k)
+                pick = lambda a: torch.gather(a[:, None].expand(-1, n, -1, -1), 2,  # noqa: E731
+                                              idx[..., None].expand(-1, -1, -1, a.shape[-1]))
+                rel = self.enc_x(pick(ctx.xc) - xt[:, :, None])
+                kv = self.nb_kv(torch.cat([pick(ctx.out), rel], dim=-1)).view(b, n, kk, 2, c.n_heads, -1)
+                f.keys, f.values = (kv[..., j, :, :].transpose(2, 3) for j in (0, 1))  # (B, n, heads, k, dh)
+        ctx.features[:] = [(xt, f)]
+        return f
 
     @property
     def has_task_transform(self) -> bool:

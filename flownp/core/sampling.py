@@ -42,6 +42,14 @@ class CheckedFlow:
         return getattr(self._flow, name)
 
 
+def expand_samples(model: Any, ctx: Any, xt: torch.Tensor, n: int) -> tuple[Any, torch.Tensor]:
+    """(context, xt) of B tasks -> those of B * n rows, n samples per task (sample index fastest): the
+    model's own `expand_samples` (a FlowNP: the context's and targets' work done once per task), else the
+    context's `repeat`."""
+    own = getattr(model, "expand_samples", None)
+    return own(ctx, xt, n) if own is not None else (ctx.repeat(n), xt.repeat_interleave(n, dim=0))
+
+
 def task_transform(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor) -> Any:
     """The model's per-task transform (flownp.core.gp_base.TaskTransform), or None for a model without one
     (the reference protocol, neural baselines)."""
@@ -72,7 +80,6 @@ def flow_samples(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tenso
     """One flow's ODE from y0 (B, S, n_tgt, D) at t0 to t1 in its own space (yc as the flow sees it: after
     the per-task transform), the context encoded once for the S samples: -> (state (B, S, n_tgt, D), nfe)."""
     b, s_, n, d = y0.shape
-    ctx = model.encode_context(xc, yc).repeat(s_)
-    xs = xt.repeat_interleave(s_, dim=0)
+    ctx, xs = expand_samples(model, model.encode_context(xc, yc), xt, s_)
     sol = solve(lambda t, s: (model.velocity(ctx, xs, s[0], t),), (y0.reshape(b * s_, n, d),), t0, t1, solver)
     return sol.state[0].reshape(b, s_, n, d), sol.nfe
