@@ -12,6 +12,7 @@
 #   pw     as silu, arch pointwise: the transformer reads target locations only, value and time enter a
 #          4-layer head (the transformer runs once per solve; the divergence is 4 VJPs through the head)
 #   pwn    as pw, the head also attending to its 16 nearest context points (head_neighbours)
+#   pwv    as pw, the last of the 4 blocks seeing (t, y_t) (value_layers 1: a quarter of cached's per-step work)
 #   gp0    the gp row untrained (one step at learning rate 0: the zero-initialised head keeps the flow at zero,
 #          so the model is exactly its GP base; scored with Euler 1, which is exact for a zero flow)
 # Each model is evaluated on the GP law's frozen dense / sparse sets (with the exact oracle) and on the real
@@ -96,6 +97,8 @@ row() {  # row NAME: train the row's model with its settings
     pw) train pw store-broad --targets independent $GPB --activation silu --arch pointwise --head-layers 4 ;;
     pwn) train pwn store-broad --targets independent $GPB --activation silu --arch pointwise --head-layers 4 \
       --head-neighbours 16 ;;
+    pwv) train pwv store-broad --targets independent $GPB --activation silu --arch pointwise --head-layers 4 \
+      --value-layers 1 ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

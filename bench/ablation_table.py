@@ -25,8 +25,9 @@ ROWS = (("ref", "reference (N(0, I) base, no standardisation)"),
         ("joint", "broad prior, joint targets"),
         ("jsilu", "broad prior, SiLU head, joint targets"),
         ("pw", "broad prior, SiLU, arch pointwise (value and time in the head)"),
-        ("pwn", "same, the head attending to 16 nearest context points"))
-PAIRS = (("jsilu", "silu"), ("pw", "silu"), ("pwn", "silu"), ("pwn", "pw"))  # (row, against): paired real-map log-likelihood differences
+        ("pwn", "same, the head attending to 16 nearest context points"),
+        ("pwv", "pointwise, the last block seeing the value (value_layers 1)"))
+PAIRS = (("jsilu", "silu"), ("pw", "silu"), ("pwn", "silu"), ("pwn", "pw"), ("pwv", "silu"), ("pwv", "pw"))  # (row, against): paired real-map log-likelihood differences
 VARS = ("sp", "t2m", "u10", "v10")
 
 

@@ -16,7 +16,7 @@ import torch
 from flownp.core.config import ModelConfig
 from flownp.jobs.train import TrainConfig, pretrain
 
-MODEL = ModelConfig(arch="pointwise", head_layers=4, targets="independent", d_model=64, n_heads=4, n_layers=4, d_ff=128, standardise="context",
+MODEL = ModelConfig(arch="cached", targets="independent", d_model=64, n_heads=4, n_layers=4, d_ff=128, standardise="context",
                     base="gp", whitening="symmetric", gp_kernels="matern32,matern52", gp_fit_points=256,
                     velocity="residual", activation="silu")
 
@@ -31,14 +31,17 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--activation", choices=("silu", "relu"), default=MODEL.activation,
                    help="MLP activation; relu reproduces the recipe before the dead-head finding (docs/results.md §5.5)")
-    p.add_argument("--arch", choices=("pointwise", "cached"), default=MODEL.arch,
-                   help="pointwise: value and time in the head only (docs/protocol.md §7.1); cached: the 2026-12-02 default")
-    p.add_argument("--head-layers", type=int, default=MODEL.head_layers, help="linear layers of the head MLP")
+    p.add_argument("--arch", choices=("cached", "pointwise"), default=MODEL.arch,
+                   help="cached: the shipped default; pointwise: the transformer once per solve (docs/protocol.md §7.1)")
+    p.add_argument("--head-layers", type=int, default=None, help="linear layers of the head MLP (pointwise: 4)")
+    p.add_argument("--value-layers", type=int, default=0, help="pointwise: last blocks that see the value")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = TrainConfig(steps=a.steps, lr=1e-3, warmup=50, batch_size=a.batch_size, n_ctx_min=50, n_ctx_max=1000,
                       n_tgt=128, ema_decay=0.995, ckpt_every=50, log_every=10, val_batches=4, seed=0)
-    model = dataclasses.replace(MODEL, activation=a.activation, arch=a.arch, head_layers=a.head_layers)
+    head = a.head_layers if a.head_layers is not None else (4 if a.arch == "pointwise" else MODEL.head_layers)
+    model = dataclasses.replace(MODEL, activation=a.activation, arch=a.arch, head_layers=head,
+                                value_layers=a.value_layers)
     print(pretrain(a.data, a.out, model, cfg, resume=a.resume, progress=False, max_minutes=a.max_minutes))
 
 

@@ -16,6 +16,7 @@ CONFIGS = {
     "cached-independent": ModelConfig(targets="independent", **TINY),
     "pointwise": ModelConfig(arch="pointwise", targets="independent", head_layers=3, **TINY),
     "pointwise-nb": ModelConfig(arch="pointwise", targets="independent", head_neighbours=3, **TINY),
+    "pointwise-v1": ModelConfig(arch="pointwise", targets="independent", value_layers=1, **TINY),
 }
 
 
@@ -42,6 +43,8 @@ def test_config_round_trip_and_validation():
         ModelConfig(head_layers=1)
     with pytest.raises(ValueError, match="head_neighbours"):
         ModelConfig(head_neighbours=4)  # only with arch='pointwise'
+    with pytest.raises(ValueError, match="value_layers"):
+        ModelConfig(arch="pointwise", targets="independent", n_layers=2, value_layers=3)
 
 
 
@@ -58,7 +61,7 @@ def test_permutation_equivariance(name):
 
 
 @pytest.mark.parametrize("name,independent", [("cached-independent", True), ("pointwise", True),
-                                              ("pointwise-nb", True),
+                                              ("pointwise-nb", True), ("pointwise-v1", True),
                                               ("cached-joint", False), ("reference", False)])
 def test_independent_targets_do_not_see_each_other(name, independent):
     torch.manual_seed(1)
@@ -71,7 +74,7 @@ def test_independent_targets_do_not_see_each_other(name, independent):
     assert (moved < 1e-6) if independent else (moved > 1e-4)
 
 
-@pytest.mark.parametrize("name", ["cached-independent", "pointwise", "pointwise-nb"])
+@pytest.mark.parametrize("name", ["cached-independent", "pointwise", "pointwise-nb", "pointwise-v1"])
 def test_exact_block_trace_equals_full_jacobian_trace_for_independent_targets(name):
     torch.manual_seed(2)
     m = FlowNP(CONFIGS[name]).double().eval()
@@ -123,7 +126,7 @@ def test_sampling_shapes_seeds_and_ode_inverse():
 
 
 @pytest.mark.parametrize("name", ["cached-joint", "cached-independent", "pointwise", "pointwise-nb",
-                                  "reference"])
+                                  "pointwise-v1", "reference"])
 def test_likelihood_is_differentiable_twice_for_training(name):
     """create_graph=True differentiates the divergence (needs attention with a second derivative)."""
     torch.manual_seed(5)
@@ -143,11 +146,12 @@ def _count_calls(module: torch.nn.Module) -> list[int]:
     return calls
 
 
-def test_pointwise_transformer_runs_once_per_solve_and_task():
+@pytest.mark.parametrize("name", ["pointwise", "pointwise-v1"])
+def test_pointwise_transformer_runs_once_per_solve_and_task(name):
     """arch='pointwise': the targets' transformer pass depends on their locations only, so a whole solve
     (every step, every sample) runs it once per task; the velocity is the same as a fresh evaluation."""
     torch.manual_seed(6)
-    m = FlowNP(CONFIGS["pointwise"]).double().eval()
+    m = FlowNP(CONFIGS[name]).double().eval()
     xc, yc, xt, yt = (a.double() for a in data())
     calls = _count_calls(m.embed_target)
     s = sample(m, xc, yc, xt, n_samples=3, solver=SolverConfig("euler", 8), generator=torch.Generator().manual_seed(0))
@@ -160,7 +164,8 @@ def test_pointwise_transformer_runs_once_per_solve_and_task():
     assert not torch.allclose(v, m.velocity(ctx, xt, yt + 1.0, 0.4))  # the value does reach the head
 
 
-@pytest.mark.parametrize("name", ["cached-independent", "pointwise", "pointwise-nb", "cached-joint"])
+@pytest.mark.parametrize("name", ["cached-independent", "pointwise", "pointwise-nb", "pointwise-v1",
+                                  "cached-joint"])
 def test_samples_log_likelihood_equals_scoring_each_copy(name):
     """samples_log_likelihood shares the context's (and the pointwise targets') work among a task's S
     samples; it gives what log_likelihood gives on S copies of the task."""

@@ -25,6 +25,9 @@ class ModelConfig:
                            attention over the k nearest context points (their final context states and
                            offsets), queried by the state, time and location summary: a value-dependent
                            look at the neighbourhood at the cost of k keys, not n_ctx, per step.
+                           `value_layers` m > 0: the last m blocks take the location token plus an
+                           embedding of (t, y_t) and attend to the context again, value-dependent: each
+                           step costs m of the n_layers blocks (and the divergence passes through them).
     targets:  "joint" (targets attend to the context and to each other: samples are spatially coherent)
               or "independent" (each target attends to the context and itself: its flow depends only on
               itself and the context, the Jacobian is block diagonal and the exact trace costs y_dim
@@ -71,6 +74,7 @@ class ModelConfig:
     head_hidden: int = 128
     head_layers: int = 2       # linear layers of the head MLP
     head_neighbours: int = 0   # arch='pointwise': context points the head attends to (0: none)
+    value_layers: int = 0      # arch='pointwise': last transformer blocks that see the target's value and t
     standardise: str = "none"
     base: str = "standard"
     whitening: str = "symmetric"
@@ -96,6 +100,9 @@ class ModelConfig:
                              "targets='independent' (use arch='cached' for joint targets)")
         if self.head_neighbours < 0 or (self.head_neighbours and self.arch != "pointwise"):
             raise ValueError("head_neighbours must be >= 0, and > 0 only with arch='pointwise'")
+        if self.value_layers < 0 or (self.value_layers and self.arch != "pointwise") \
+                or self.value_layers > self.n_layers:
+            raise ValueError("value_layers must be in 0..n_layers, and > 0 only with arch='pointwise'")
         if self.head_layers < 2:
             raise ValueError("head_layers must be >= 2")
         if self.encoding not in ("reference", "lowfreq"):

@@ -156,6 +156,8 @@ class FlowNP(nn.Module):
         else:
             self.blocks = nn.ModuleList(CachedBlock(c.d_model, c.n_heads, c.d_ff) for _ in range(c.n_layers))
         n_head = c.d_model + (n_t + n_y if c.arch == "pointwise" else 0)
+        if c.value_layers:  # (t, y_t) added to the location token before the last value_layers blocks
+            self.embed_value = _mlp([n_t + n_y, c.embed_hidden, c.d_model], c.activation)
         if c.head_neighbours:  # the head's look at the nearest context points: keys from states and offsets
             self.nb_kv = nn.Linear(c.d_model + c.x_dim * self.enc_x.out_per_scalar, 2 * c.d_model)
             self.nb_q = nn.Linear(n_head, c.d_model)
@@ -190,7 +192,14 @@ class FlowNP(nn.Module):
         t = t.reshape(t.shape + (1,) * (2 - t.dim())).expand(yt.shape[:-1]) if t.dim() < 2 else t
         if self.config.arch == "pointwise":
             f = self._target_features(ctx, xt)
-            z = torch.cat([f.h, self.enc_t(t.unsqueeze(-1)), yt], dim=-1)
+            et = self.enc_t(t.unsqueeze(-1))
+            h = f.h
+            if self.config.value_layers:
+                h = h + self.embed_value(torch.cat([et, yt], dim=-1))
+                m = self.config.value_layers
+                for blk, (k, v) in zip(self.blocks[-m:], ctx.kv[-m:]):
+                    h = blk.target(h, k, v, joint=False)
+            z = torch.cat([h, et, yt], dim=-1)
             if f.keys is not None:
                 b, n, heads, _, dh = f.keys.shape
                 q = self.nb_q(z).view(b, n, heads, 1, dh)
@@ -226,7 +235,8 @@ class FlowNP(nn.Module):
         c = self.config
         with torch.set_grad_enabled(torch.is_grad_enabled() and ctx.tokens.requires_grad):
             h = self.embed_target(self.enc_x(xt))
-            for blk, (k, v) in zip(self.blocks, ctx.kv):
+            n_loc = c.n_layers - c.value_layers  # the blocks that see locations only
+            for blk, (k, v) in zip(self.blocks[:n_loc], ctx.kv[:n_loc]):
                 h = blk.target(h, k, v, joint=False)
             f = TargetFeatures(h)
             if c.head_neighbours:
