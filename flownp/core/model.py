@@ -2,7 +2,9 @@
 
 Shapes: xc (B, n_ctx, x_dim), yc (B, n_ctx, y_dim), xt (B, n_tgt, x_dim), yt (B, n_tgt, y_dim),
 t (B, n_tgt) per target point (or (B,) / a float, broadcast). Output: velocity (B, n_tgt, y_dim).
-Tokens: [enc(x), enc(t), y]; context tokens use t = 1 and the clean values (docs/protocol.md §7).
+Tokens: [enc(x), enc(t), y]; context tokens use t = 1 and the clean values (docs/protocol.md §7). With
+arch='pointwise' target tokens carry enc(x) only, and (t, y) enter the head (and the last `value_layers`
+blocks) (docs/protocol.md §7.1).
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ class Context:
     yc: torch.Tensor
     tokens: torch.Tensor
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    # arch='pointwise': the transformer's output for the last target locations seen, (xt, (B, n_tgt, d)),
-    # reused while a solve passes the same xt tensor
+    # arch='pointwise': (xt, TargetFeatures) of the last target locations seen, reused while a solve
+    # passes the same xt tensor
     features: list[tuple[torch.Tensor, "TargetFeatures"]] = field(default_factory=list)
     out: torch.Tensor | None = None  # arch='cached'/'pointwise': the context tokens after the last block
 
@@ -242,8 +244,7 @@ class FlowNP(nn.Module):
             if c.head_neighbours:
                 b, n, _ = xt.shape
                 kk = min(c.head_neighbours, ctx.xc.shape[1])
-                d2 = (xt.pow(2).sum(-1)[..., None] + ctx.xc.pow(2).sum(-1)[:, None] - 2 * xt @ ctx.xc.transpose(1, 2))
-                idx = d2.topk(kk, dim=-1, largest=False).indices  # (B, n, k)
+                idx = torch.cdist(xt, ctx.xc).topk(kk, dim=-1, largest=False).indices  # (B, n, k)
                 pick = lambda a: torch.gather(a[:, None].expand(-1, n, -1, -1), 2,  # noqa: E731
                                               idx[..., None].expand(-1, -1, -1, a.shape[-1]))
                 rel = self.enc_x(pick(ctx.xc) - xt[:, :, None])
