@@ -119,8 +119,22 @@ def real_table(res: Path, regime: str) -> list[str]:
 def _per_split(r: dict[str, Any] | None, regime: str) -> list[float] | None:
     if not r:
         return None
-    ms = list(r["regimes"][regime]["era5"].values())
+    ms = list(r.get("regimes", {}).get(regime, {}).get("era5", {}).values())
     return ms[0].get("log_lik_per_split") if ms else None
+
+
+def paired_difference(pa: list[float] | None, pb: list[float] | None) -> tuple[float, float, int] | None:
+    """(mean, standard error, n) of the per-split differences pa - pb (same splits, same order); None unless
+    both have the same n >= 2 splits."""
+    if not pa or not pb or len(pa) != len(pb) or len(pa) < 2:
+        return None
+    d = [x - y for x, y in zip(pa, pb)]
+    mean = sum(d) / len(d)
+    return mean, (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5, len(d)
+
+
+def _fmt_paired(p: tuple[float, float, int] | None) -> str:
+    return "" if p is None else f"{p[0]:+.4f} ± {p[1]:.4f} ({p[2]})"
 
 
 def paired_table(res: Path) -> list[str]:
@@ -132,13 +146,7 @@ def paired_table(res: Path) -> list[str]:
         for regime in ("dense", "sparse"):
             pa = _per_split(_load(res / f"{a}-real-{regime}.json"), regime)
             pb = _per_split(_load(res / f"{b}-real-{regime}.json"), regime)
-            if not pa or not pb or len(pa) != len(pb) or len(pa) < 2:
-                cells.append("")
-                continue
-            d = [x - y for x, y in zip(pa, pb)]
-            mean = sum(d) / len(d)
-            se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-            cells.append(f"{mean:+.4f} ± {se:.4f} ({len(d)})")
+            cells.append(_fmt_paired(paired_difference(pa, pb)))
         if any(cells):
             lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return lines

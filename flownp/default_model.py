@@ -33,10 +33,26 @@ def read_manifest(root: Path | None = None) -> dict[str, Any]:
     return json.loads(default_paths(root)[1].read_text())
 
 
-DESCRIPTION = ("FlowNP on a per-task Gaussian-process base (context standardisation, per-variable GP posterior "
-               "fitted on each request's context, symmetric whitening, residual flow), pretrained on the "
-               "SYNTHETIC broad weather prior (not on ERA5). On the one real ERA5 map of the benchmark it beats "
-               "IDW and a fitted GP; see real_map below and docs/results.md.")
+def describe(model_config: dict[str, Any] | None) -> str:
+    """The manifest's one-paragraph description of a packed model, from its `ModelConfig` dict: the network
+    (cached, joint or pointwise; docs/protocol.md §7), its base, and that it was trained on synthetic weather."""
+    cfg = model_config or {}
+    arch = cfg.get("arch", "cached")
+    if arch == "pointwise":
+        m = int(cfg.get("value_layers", 0))
+        net = ("pointwise transformer (each target location's context summary computed once per solve, "
+               + (f"the last {m} block(s) attending to the context with the target's value and time, " if m else "")
+               + "then a value-and-time head)")
+    else:
+        net = f"{arch} transformer over context and target tokens ({cfg.get('targets', 'independent')} targets)"
+    base = ("a per-task Gaussian-process base (context standardisation, per-variable GP posterior fitted on each "
+            f"request's context, {cfg.get('whitening', 'symmetric')} whitening, residual flow)"
+            if cfg.get("base") == "gp" else "a standard normal base")
+    return (f"FlowNP, a {net}, on {base}, pretrained on the SYNTHETIC broad weather prior (not on ERA5). "
+            "Its figures on the one real ERA5 map of the benchmark, against IDW and a fitted GP, are in real_map "
+            "below and docs/results.md.")
+
+
 TRAINED_ON = ("flownp-ingest synthesize --law broad --years 1986-1989 --months 1-12 --days 1-21 "
               "--hours 0,6,12,18 --seed 0 (train 1986-87: 2016 maps)")
 
@@ -107,7 +123,7 @@ def choose_sampler(study: dict[str, Any], model: str, offered: list[str] | tuple
 
 
 def pack(run_checkpoint: Path, out: Path, recipe: str, *, trained_on: str = TRAINED_ON,
-         description: str = DESCRIPTION, real_map: dict[str, Any] | None = None,
+         description: str | None = None, real_map: dict[str, Any] | None = None,
          solvers: dict[str, Any] | None = None, samplers: dict[str, Any] | None = None) -> dict[str, Any]:
     """Strip a training checkpoint to what serving needs (EMA weights as `model`, no optimizer state),
     save it as `out/default.pt` and write `out/default.json` with its sha256, what it was trained on,
@@ -125,7 +141,7 @@ def pack(run_checkpoint: Path, out: Path, recipe: str, *, trained_on: str = TRAI
     n_params = sum(int(t.numel()) for t in keep["model"].values())
     manifest = {
         "version": VERSION, "synthetic": True,
-        "description": description,
+        "description": description or describe(ck.get("model_config")),
         "file": CHECKPOINT, "sha256": sha256_file(ckpt_path), "bytes": ckpt_path.stat().st_size,
         "n_parameters": n_params, "step": ck.get("step"), "best_val_loss": ck.get("best_val"),
         "model_config": ck.get("model_config"),

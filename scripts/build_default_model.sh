@@ -12,6 +12,7 @@ BIN="${FLOWNP_BIN:-$(dirname "$(command -v flownp)")}"
 STEPS="${STEPS:-1800}"
 ARCH="${ARCH:-cached}"         # the shipped default's; pointwise: docs/results.md §5.7
 VALUE_LAYERS="${VALUE_LAYERS:-0}"  # with ARCH=pointwise
+MODEL_OUT="${MODEL_OUT:-$ROOT/flownp/models}"  # where the packed model goes (a scratch folder to compare first)
 export OMP_NUM_THREADS=1
 mkdir -p "$WORK"
 [ -f "$WORK/store/manifest.json" ] || {
@@ -27,6 +28,6 @@ mkdir -p "$WORK"
 read -r SAMPLE LL < <("$BIN/python" -m flownp.default_model choose-solvers "$WORK/solvers.json")
 "$BIN/python" "$ROOT/bench/real_era5.py" --checkpoint "$WORK/run/best.pt" --baselines none --solver "$SAMPLE" \
     --ll-solver "$LL" --estimator exact --json "$WORK/real.json" --quiet
-"$BIN/python" -m flownp.default_model pack "$WORK/run/best.pt" --out "$ROOT/flownp/models" \
+"$BIN/python" -m flownp.default_model pack "$WORK/run/best.pt" --out "$MODEL_OUT" \
     --recipe "scripts/build_default_model.sh (STEPS=$STEPS ARCH=$ARCH VALUE_LAYERS=$VALUE_LAYERS)" --real-map "$WORK/real.json" \
     --solver-study "$WORK/solvers.json"

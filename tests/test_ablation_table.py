@@ -33,3 +33,17 @@ def test_steps_read_from_the_run_log(tmp_path):
     (run / "log.jsonl").write_text('{"step": 10, "loss": 1}\n{"step": 20, "val_loss_ema": 1}\n')
     assert ablation_table._steps(run) == "20"
     assert ablation_table._steps(tmp_path / "missing") == ""
+
+
+def test_paired_real_compares_two_bench_outputs_split_by_split(tmp_path, capsys):
+    import paired_real
+
+    base = [-1.0, -2.0, -3.0, -4.0]
+    _real(tmp_path / "old.json", "dense", base)
+    _real(tmp_path / "new.json", "dense", [b + d for b, d in zip(base, [0.01, 0.03, 0.01, 0.03])])
+    paired_real.main([str(tmp_path / "new.json"), str(tmp_path / "old.json"), "--labels", "new,old"])
+    lines = capsys.readouterr().out.splitlines()
+    new = next(line for line in lines if "| new |" in line)
+    assert "+0.0200 ± 0.0058 (4)" in new and "-2.480" in new  # the paired difference sits on A's row
+    assert not any("sparse" in line for line in lines)  # a regime neither ran is left out
+    assert paired_real.paired_difference(base, base[:3]) is None  # other splits: not paired

@@ -30,6 +30,9 @@ def test_from_default_is_the_verified_synthetic_default(ex):
     man = default_model.read_manifest()
     assert ex.meta["version"] == man["version"] == "synthetic-default" and ex.meta["synthetic"] is True
     assert ex.meta["sha256"] == man["sha256"] and ex.region == R
+    # the manifest says what network it is, from the config it was packed with
+    assert man["description"] == default_model.describe(man["model_config"])
+    assert man["model_config"]["arch"] in man["description"] and "SYNTHETIC" in man["description"]
 
 
 def test_the_era5_log_jacobian_is_the_change_of_variables_of_the_conversion(ex):
