@@ -13,6 +13,8 @@
 #          4-layer head (the transformer runs once per solve; the divergence is 4 VJPs through the head)
 #   pwn    as pw, the head also attending to its 16 nearest context points (head_neighbours)
 #   pwv    as pw, the last of the 4 blocks seeing (t, y_t) (value_layers 1: a quarter of cached's per-step work)
+#   pwvk4  as pwv, 4 (noise, time) draws per target and step sharing the context and location passes
+#          (--path-draws 4: the same tasks and steps, a lower-variance loss, more work per step)
 #   gp0    the gp row untrained (one step at learning rate 0: the zero-initialised head keeps the flow at zero,
 #          so the model is exactly its GP base; scored with Euler 1, which is exact for a zero flow)
 # Each model is evaluated on the GP law's frozen dense / sparse sets (with the exact oracle) and on the real
@@ -99,6 +101,8 @@ row() {  # row NAME: train the row's model with its settings
       --head-neighbours 16 ;;
     pwv) train pwv store-broad --targets independent $GPB --activation silu --arch pointwise --head-layers 4 \
       --value-layers 1 ;;
+    pwvk4) train pwvk4 store-broad --targets independent $GPB --activation silu --arch pointwise --head-layers 4 \
+      --value-layers 1 --path-draws 4 ;;
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

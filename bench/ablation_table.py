@@ -26,8 +26,11 @@ ROWS = (("ref", "reference (N(0, I) base, no standardisation)"),
         ("jsilu", "broad prior, SiLU head, joint targets"),
         ("pw", "broad prior, SiLU, arch pointwise (value and time in the head)"),
         ("pwn", "same, the head attending to 16 nearest context points"),
-        ("pwv", "pointwise, the last block seeing the value (value_layers 1)"))
-PAIRS = (("jsilu", "silu"), ("pw", "silu"), ("pwn", "silu"), ("pwn", "pw"), ("pwv", "silu"), ("pwv", "pw"))  # (row, against): paired real-map log-likelihood differences
+        ("pwv", "pointwise, the last block seeing the value (value_layers 1)"),
+        ("pwvk4", "same, 4 path draws per target and step"))
+# (row, against): paired real-map log-likelihood differences
+PAIRS = (("jsilu", "silu"), ("pw", "silu"), ("pwn", "silu"), ("pwn", "pw"), ("pwv", "silu"), ("pwv", "pw"),
+         ("pwvk4", "pwv"))
 VARS = ("sp", "t2m", "u10", "v10")
 
 

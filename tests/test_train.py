@@ -136,3 +136,57 @@ def test_python_m_cli_pretrain_is_the_pretrain_command(monkeypatch, tmp_path):
     assert exit_.value.code in (0, None)
     assert seen["data"] == tmp_path / "s" and seen["out"] == tmp_path / "r" and seen["tcfg"].steps == 7
     assert seen["mcfg"].d_model == 8 and seen["max_minutes"] == 1.5 and seen["resume"] and not seen["progress"]
+
+
+
+@pytest.mark.parametrize("arch", ["cached", "pointwise"])
+def test_path_draws_share_the_context_and_average_independent_draws(arch):
+    """fm_loss(draws=K) is the mean of K single-draw losses on the same (noise, time) draws, with the context
+    encoded once (and, pointwise, the targets' locations passed once) for the K."""
+    from flownp.core.model import FlowNP
+    from flownp.core.paths import PathSample, flow_matching_loss, scaled_frame
+    from flownp.jobs.train import flow_space, fm_loss
+    from ingest.tasks import TaskBatch
+
+    torch.manual_seed(0)
+    m = FlowNP(ModelConfig(arch=arch, targets="independent", d_model=16, n_heads=2, n_layers=2, d_ff=32,
+                           embed_hidden=16, head_hidden=32, value_layers=1 if arch == "pointwise" else 0,
+                           velocity="residual")).double()
+    for p in m.parameters():  # the residual head starts at zero: make the velocity nonzero
+        torch.nn.init.normal_(p, std=0.3)
+    g = torch.Generator().manual_seed(1)
+    xc, yc, xt, yt = (torch.randn(2, n, d, generator=g, dtype=torch.float64) for n, d in ((9, 2), (9, 4), (5, 2), (5, 4)))
+    batch = TaskBatch(xc, yc, xt, yt, torch.zeros(2, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long),
+                      torch.zeros(2, 5, dtype=torch.long))
+    encode, rows = m.encode_context, []
+    m.encode_context = lambda *a: (rows.append(a[0].shape[0]), encode(*a))[1]  # noqa: E731
+    if arch == "pointwise":  # the targets' location pass: on the B tasks, not the B * K states
+        m.embed_target.register_forward_hook(lambda _m, inp, _o: rows.append(inp[0].shape[0]))
+    k3 = fm_loss(m, batch, torch.Generator().manual_seed(5), draws=3)
+    assert rows == ([2, 2] if arch == "pointwise" else [2])
+    m.encode_context = encode
+    # the same draws one at a time: sample_path takes y0 (B, K, n, D), then t (B, K, n) from the generator
+    gen = torch.Generator().manual_seed(5)
+    y0 = torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64)
+    t = torch.rand(2, 3, 5, generator=gen, dtype=torch.float64)
+    fb = flow_space(m, batch)
+    singles = []
+    for k in range(3):
+        tk = t[:, k, :, None]
+        p = scaled_frame(PathSample(t[:, k], tk * fb.yt + (1 - tk) * y0[:, k], fb.yt - y0[:, k]))
+        singles.append(flow_matching_loss(m(fb.xc, fb.yc, fb.xt, p.yt, p.t), p))
+    torch.testing.assert_close(k3, torch.stack(singles).mean())
+    assert not torch.allclose(singles[0], singles[1])  # the draws differ
+    with pytest.raises(ValueError, match="path_draws"):
+        TrainConfig(path_draws=0)
+
+
+def test_path_draws_train_and_are_refused_outside_pretraining(tiny_store, tmp_path):
+    store = Store.open(tiny_store)
+    t = Trainer(store, tmp_path / "k", TINY, cfg(steps=2, path_draws=2))
+    t.run(progress=False)
+    assert math.isfinite(losses(tmp_path / "k" / "log.jsonl")[2])
+    from flownp.jobs.baselines.neural import NeuralBaselineConfig
+
+    with pytest.raises(ValueError, match="pretraining only"):
+        Trainer(store, tmp_path / "b", NeuralBaselineConfig(kind="cnp"), cfg(path_draws=2))

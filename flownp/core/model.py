@@ -271,7 +271,16 @@ class FlowNP(nn.Module):
 
     def forward(self, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
                 t: torch.Tensor | float) -> torch.Tensor:
-        return self.velocity(self.encode_context(xc, yc), xt, yt, t)
+        """v(t, yt | xc, yc) at xt (B, n_tgt, x_dim): yt (B, n_tgt, y_dim) -> (B, n_tgt, y_dim); or K states per
+        task, yt (B, K, n_tgt, y_dim) with t (B, K, n_tgt) -> (B, K, n_tgt, y_dim), the context encoded once
+        and (pointwise) the targets' transformer pass run once for the K (`expand_samples`)."""
+        ctx = self.encode_context(xc, yc)
+        if yt.dim() == 3:
+            return self.velocity(ctx, xt, yt, t)
+        b, k, n, d = yt.shape
+        rep, xs = self.expand_samples(ctx, xt, k)
+        t = torch.as_tensor(t, dtype=yt.dtype, device=yt.device)
+        return self.velocity(rep, xs, yt.reshape(b * k, n, d), t.expand(b, k, n).reshape(b * k, n)).reshape(b, k, n, d)
 
 
 def count_parameters(model: nn.Module) -> int:

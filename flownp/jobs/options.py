@@ -27,7 +27,7 @@ HELP: dict[str, str] = {  # option help; a field without an entry is described b
     "warmup": "Warm-up steps.", "n_ctx": "Context size range MIN-MAX.",
     "n_tgt": "Targets per task (default: all the rest).", "seed": "Seed.", "device": "cpu or cuda.",
     "bf16": "bf16 autocast (CUDA; slow on CPU).", "ckpt_every": "Checkpoint (and validate) every N steps.",
-    "ema_decay": "EMA decay of the weights.", "schedule": "cosine or constant after the warm-up.",
+    "ema_decay": "EMA decay of the weights.", "path_draws": "Flow-matching (noise, time) draws per target and step.", "schedule": "cosine or constant after the warm-up.",
     "arch": "cached, pointwise (value and time in the head only; independent targets) or reference.",
     "head_layers": "Linear layers of the velocity head MLP.",
     "head_neighbours": "pointwise: nearest context points the head attends to (0: none).",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -58,6 +59,11 @@ class TrainConfig(DictConfig):
     device: str = "cpu"
     bf16: bool = False
     float16_parity: bool = False
+    path_draws: int = 1  # flow-matching pretraining: (noise, time) draws per target and step (fm_loss)
+
+    def __post_init__(self) -> None:
+        if self.path_draws < 1:
+            raise ValueError(f"path_draws must be >= 1, got {self.path_draws}")
 
     def tasks(self, seed_offset: int = 0) -> TaskConfig:
         return TaskConfig(self.n_ctx_min, self.n_ctx_max, self.n_tgt, self.batch_size, self.seed + seed_offset)
@@ -88,12 +94,15 @@ def model_path(model: torch.nn.Module, y1: torch.Tensor, gen: torch.Generator) -
     return scaled_frame(path) if getattr(model, "module", model).config.velocity == "residual" else path
 
 
-def fm_loss(model: torch.nn.Module, batch: TaskBatch, gen: torch.Generator, bf16: bool = False) -> torch.Tensor:
+def fm_loss(model: torch.nn.Module, batch: TaskBatch, gen: torch.Generator, bf16: bool = False,
+            draws: int = 1) -> torch.Tensor:
     """Flow-matching loss of one batch (noise and times from `gen`), in the model's flow space: with a
     per-task transform the path runs between N(0, I) and the transformed targets, conditioned on the
-    standardised context."""
+    standardised context. draws > 1: that many (noise, time) draws per target, sharing one context encoding
+    (and, arch='pointwise', one pass of the targets' locations): an unbiased loss of lower variance."""
     fb = flow_space(model, batch)
-    path = model_path(model, fb.yt, gen)
+    y1 = fb.yt if draws == 1 else fb.yt.unsqueeze(1).expand(-1, draws, -1, -1)  # (B[, K], n_tgt, D)
+    path = model_path(model, y1, gen)
     with torch.autocast(batch.yt.device.type, dtype=torch.bfloat16, enabled=bf16):
         v = model(fb.xc, fb.yc, fb.xt, path.yt, path.t)
     return flow_matching_loss(v.float(), path)
@@ -137,6 +146,10 @@ class Trainer:
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model, self.objective, self.kind = self.build(model_cfg)
+        if cfg.path_draws > 1:
+            if self.objective is not fm_loss:
+                raise ValueError("path_draws > 1 applies to flow-matching pretraining only")
+            self.objective = functools.partial(fm_loss, draws=cfg.path_draws)
         self.model = model.to(self.device)
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
