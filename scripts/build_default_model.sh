@@ -12,6 +12,7 @@ BIN="${FLOWNP_BIN:-$(dirname "$(command -v flownp)")}"
 STEPS="${STEPS:-1800}"
 ARCH="${ARCH:-cached}"         # the shipped default's; pointwise: docs/results.md §5.7
 VALUE_LAYERS="${VALUE_LAYERS:-0}"  # with ARCH=pointwise
+PATH_DRAWS="${PATH_DRAWS:-1}"  # flow-matching draws per target and step (TrainConfig.path_draws)
 MODEL_OUT="${MODEL_OUT:-$ROOT/flownp/models}"  # where the packed model goes (a scratch folder to compare first)
 export OMP_NUM_THREADS=1
 mkdir -p "$WORK"
@@ -21,7 +22,8 @@ mkdir -p "$WORK"
   "$BIN/flownp-ingest" build "$WORK"/raw/*.nc --out "$WORK/store"
 }
 "$BIN/torchrun" --standalone --nproc-per-node=2 "$ROOT/scripts/train_default.py" --data "$WORK/store" \
-    --out "$WORK/run" --steps "$STEPS" --arch "$ARCH" --value-layers "$VALUE_LAYERS" --resume
+    --out "$WORK/run" --steps "$STEPS" --arch "$ARCH" --value-layers "$VALUE_LAYERS" \
+    --path-draws "$PATH_DRAWS" --resume
 "$BIN/python" "$ROOT/bench/ll_solver_error.py" --checkpoint "$WORK/run/best.pt" --splits 3 \
     --solvers euler:1,euler:2,euler:4,midpoint:2,midpoint:4,midpoint:8 --json "$WORK/solvers.json"
 # the real-map figures in the manifest are measured with the solvers the model will be served with
@@ -29,5 +31,5 @@ read -r SAMPLE LL < <("$BIN/python" -m flownp.default_model choose-solvers "$WOR
 "$BIN/python" "$ROOT/bench/real_era5.py" --checkpoint "$WORK/run/best.pt" --baselines none --solver "$SAMPLE" \
     --ll-solver "$LL" --estimator exact --json "$WORK/real.json" --quiet
 "$BIN/python" -m flownp.default_model pack "$WORK/run/best.pt" --out "$MODEL_OUT" \
-    --recipe "scripts/build_default_model.sh (STEPS=$STEPS ARCH=$ARCH VALUE_LAYERS=$VALUE_LAYERS)" --real-map "$WORK/real.json" \
+    --recipe "scripts/build_default_model.sh (STEPS=$STEPS ARCH=$ARCH VALUE_LAYERS=$VALUE_LAYERS PATH_DRAWS=$PATH_DRAWS)" --real-map "$WORK/real.json" \
     --solver-study "$WORK/solvers.json"

@@ -35,10 +35,12 @@ def main() -> None:
                    help="cached: the shipped default; pointwise: the transformer once per solve (docs/protocol.md §7.1)")
     p.add_argument("--head-layers", type=int, default=None, help="linear layers of the head MLP (pointwise: 4)")
     p.add_argument("--value-layers", type=int, default=0, help="pointwise: last blocks that see the value")
+    p.add_argument("--path-draws", type=int, default=1, help="flow-matching draws per target and step")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = TrainConfig(steps=a.steps, lr=1e-3, warmup=50, batch_size=a.batch_size, n_ctx_min=50, n_ctx_max=1000,
-                      n_tgt=128, ema_decay=0.995, ckpt_every=50, log_every=10, val_batches=4, seed=0)
+                      n_tgt=128, ema_decay=0.995, ckpt_every=50, log_every=10, val_batches=4, seed=0,
+                      path_draws=a.path_draws)
     head = a.head_layers if a.head_layers is not None else (4 if a.arch == "pointwise" else MODEL.head_layers)
     model = dataclasses.replace(MODEL, activation=a.activation, arch=a.arch, head_layers=head,
                                 value_layers=a.value_layers)
