@@ -93,8 +93,12 @@ def choose_solvers(study: dict[str, Any], ll_tol: float = LL_TOLERANCE,
                          "reference": study.get("reference"),
                          "ll_max_abs_error": {k: r["ll_max_abs_error"].get(ll) for k, r in study["regimes"].items()}
                          if ll else None,
+                         # the chosen row, or every measured row when none is within the tolerance (the service's
+                         # global default then samples, and how far each step count is stays on record)
                          "sample_rmse": {k: r.get("sample_rmse", {}).get(sample) for k, r in study["regimes"].items()}
-                         if sample else None}}
+                         if sample else None,
+                         **({} if sample else {"sample_rmse_all": {k: r.get("sample_rmse")
+                                                                   for k, r in study["regimes"].items()}})}}
 
 
 # what a sampler may cost in accuracy to become a model's default: its CRPS over the global ODE's at 100

@@ -4,15 +4,16 @@
 # matching on 2 CPU ranks (torchrun, gloo) -> the solver study -> the real-ERA5 benchmark at the solvers it chose
 # -> pack (its figures and its measured solver defaults in the manifest).
 # SYNTHETIC training data (never ERA5); the real map is only evaluated on. docs/results.md §5.
-# Usage: bash scripts/build_default_model.sh [WORKDIR]   (about 75 min on 2 cores: 40 training, 35 benchmarks; WORKDIR is scratch)
+# Usage: bash scripts/build_default_model.sh [WORKDIR]   (about 75 min on 2 cores: 32 training, 40 benchmarks; WORKDIR is scratch)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$(mktemp -d)}"
 BIN="${FLOWNP_BIN:-$(dirname "$(command -v flownp)")}"
 STEPS="${STEPS:-1800}"
-ARCH="${ARCH:-cached}"         # the shipped default's; pointwise: docs/results.md §5.7
-VALUE_LAYERS="${VALUE_LAYERS:-0}"  # with ARCH=pointwise
-PATH_DRAWS="${PATH_DRAWS:-1}"  # flow-matching draws per target and step (TrainConfig.path_draws)
+# the shipped default's (docs/results.md §5.8); ARCH=cached VALUE_LAYERS=0 PATH_DRAWS=1: the one before (§5.5.2)
+ARCH="${ARCH:-pointwise}"
+VALUE_LAYERS="${VALUE_LAYERS:-1}"  # with ARCH=pointwise: last blocks that see the target's value
+PATH_DRAWS="${PATH_DRAWS:-4}"  # flow-matching draws per target and step (TrainConfig.path_draws)
 MODEL_OUT="${MODEL_OUT:-$ROOT/flownp/models}"  # where the packed model goes (a scratch folder to compare first)
 export OMP_NUM_THREADS=1
 mkdir -p "$WORK"
@@ -25,7 +26,8 @@ mkdir -p "$WORK"
     --out "$WORK/run" --steps "$STEPS" --arch "$ARCH" --value-layers "$VALUE_LAYERS" \
     --path-draws "$PATH_DRAWS" --resume
 "$BIN/python" "$ROOT/bench/ll_solver_error.py" --checkpoint "$WORK/run/best.pt" --splits 3 \
-    --solvers euler:1,euler:2,euler:4,midpoint:2,midpoint:4,midpoint:8 --json "$WORK/solvers.json"
+    --solvers euler:1,euler:2,euler:4,midpoint:2,midpoint:4,midpoint:8 --sample-steps 1,2,4,8,16 \
+    --json "$WORK/solvers.json"
 # the real-map figures in the manifest are measured with the solvers the model will be served with
 read -r SAMPLE LL < <("$BIN/python" -m flownp.default_model choose-solvers "$WORK/solvers.json")
 "$BIN/python" "$ROOT/bench/real_era5.py" --checkpoint "$WORK/run/best.pt" --baselines none --solver "$SAMPLE" \

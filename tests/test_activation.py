@@ -48,3 +48,19 @@ def test_a_head_pushed_negative_is_dead_with_relu_and_alive_with_silu(activation
     m.velocity(ctx, xt, torch.randn(2, 10, 4, generator=g), 0.5).sum().backward()
     grad = m.head[0].weight.grad.abs().sum().item()
     assert (grad == 0.0) if activation == "relu" else (grad > 0.0)  # a dead head learns nothing
+
+
+def test_the_default_recipe_rebuilds_the_shipped_model_and_the_one_before() -> None:
+    """scripts/train_default.py: its default recipe is the shipped model's config; --arch cached gives the
+    model before it (no value layers, which cached refuses)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_default.py"
+    spec = importlib.util.spec_from_file_location("train_default", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shipped = ModelConfig.from_dict(load_checkpoint(default_paths()[0])["model_config"])
+    assert mod.recipe() == shipped
+    before = mod.recipe("cached")
+    assert before.arch == "cached" and before.value_layers == 0 and before.head_layers == ModelConfig().head_layers

@@ -48,24 +48,26 @@ def test_extrapolate_json_echoes_coordinates_and_labels_everything(client):
 
 
 def test_a_request_naming_no_solver_runs_the_models_measured_one(client):
-    """The default model records Euler 8 for sampling and Euler 4 for likelihoods (its manifest's `solvers`,
-    measured against dopri5; the global fallbacks are Euler 8 / midpoint 2 / midpoint 8); a request that names
-    no solver runs them, one that names either part runs what it names."""
+    """The default model records midpoint 4 for likelihoods and no sampler (none of its study's Euler step
+    counts met the sample tolerance on sparse contexts), so its samples take the global Euler 8 (the global
+    fallbacks are Euler 8 / midpoint 2 / midpoint 8); a request that names no solver runs them, one that names
+    either part runs what it names, the rest from the global default."""
     man = client.get("/v1/models/synthetic-default").json()
-    assert man["solvers"]["sample"] == "euler:8" and man["solvers"]["log_likelihood"] == "euler:4"
+    assert man["solvers"]["sample"] is None and man["solvers"]["log_likelihood"] == "midpoint:4"
     body = small_request()
     body.pop("steps")
     body.pop("log_likelihood")
     j = client.post("/v1/extrapolate", json={**body, "include": ["mean", "log_likelihood"]}).json()
     assert (j["sampler"]["solver"], j["sampler"]["steps"], j["sampler"]["nfe"]) == ("euler", 8, 8)
-    assert (j["log_likelihood"]["solver"], j["log_likelihood"]["steps"]) == ("euler", 4)
+    assert (j["log_likelihood"]["solver"], j["log_likelihood"]["steps"]) == ("midpoint", 4)
     j = client.post("/v1/extrapolate", json={**body, "solver": "midpoint", "include": ["mean"]}).json()
     assert (j["sampler"]["solver"], j["sampler"]["steps"]) == ("midpoint", 8)  # the rest from the global default
     ll = small_ll_request()
     ll.pop("steps")
     r = client.post("/v1/log-likelihood", json=ll).json()
-    assert (r["solver"], r["steps"]) == ("euler", 4)
-    assert client.post("/v1/log-likelihood", json={**ll, "steps": 3}).json()["solver"] == "midpoint"
+    assert (r["solver"], r["steps"]) == ("midpoint", 4)
+    r = client.post("/v1/log-likelihood", json={**ll, "solver": "euler"}).json()
+    assert (r["solver"], r["steps"]) == ("euler", 8)  # named solver, the global default's steps
 
 
 def test_same_seed_same_answer_and_seed_drawn_when_absent(client):
