@@ -44,9 +44,9 @@ def describe(model_config: dict[str, Any] | None) -> str:
                + (f"the last {m} block(s) attending to the context with the target's value and time, " if m else "")
                + "then a value-and-time head)")
     else:
-        net = f"{arch} transformer over context and target tokens ({cfg.get('targets', 'independent')} targets)"
+        net = f"{arch} transformer over context and target tokens ({cfg.get('targets', 'joint')} targets)"
     base = ("a per-task Gaussian-process base (context standardisation, per-variable GP posterior fitted on each "
-            f"request's context, {cfg.get('whitening', 'symmetric')} whitening, residual flow)"
+            f"request's context, {cfg.get('whitening', 'symmetric')} whitening, {cfg.get('velocity', 'network')} velocity)"
             if cfg.get("base") == "gp" else "a standard normal base")
     return (f"FlowNP, a {net}, on {base}, pretrained on the SYNTHETIC broad weather prior (not on ERA5). "
             "Its figures on the one real ERA5 map of the benchmark, against IDW and a fitted GP, are in real_map "

@@ -46,12 +46,14 @@ def main() -> None:
                         "cached: the default before (docs/results.md §5.5.2)")
     p.add_argument("--head-layers", type=int, default=None, help="linear layers of the head MLP (pointwise: 4)")
     p.add_argument("--value-layers", type=int, default=None, help="pointwise: last blocks that see the value (1)")
-    p.add_argument("--path-draws", type=int, default=4, help="flow-matching draws per target and step")
+    p.add_argument("--path-draws", type=int, default=None,
+                   help="flow-matching draws per target and step (pointwise: 4; cached: 1, the default before)")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    draws = a.path_draws if a.path_draws is not None else (4 if a.arch == "pointwise" else 1)
     cfg = TrainConfig(steps=a.steps, lr=1e-3, warmup=50, batch_size=a.batch_size, n_ctx_min=50, n_ctx_max=1000,
                       n_tgt=128, ema_decay=0.995, ckpt_every=50, log_every=10, val_batches=4, seed=0,
-                      path_draws=a.path_draws)
+                      path_draws=draws)
     model = recipe(a.arch, a.activation, a.head_layers, a.value_layers)
     print(pretrain(a.data, a.out, model, cfg, resume=a.resume, progress=False, max_minutes=a.max_minutes))
 

@@ -179,6 +179,8 @@ def test_path_draws_share_the_context_and_average_independent_draws(arch):
     assert not torch.allclose(singles[0], singles[1])  # the draws differ
     with pytest.raises(ValueError, match="path_draws"):
         TrainConfig(path_draws=0)
+    with pytest.raises(ValueError, match="scalar or"):  # times on the wrong axis would broadcast silently
+        m(fb.xc, fb.yc, fb.xt, y0, t[:, 0, :3])
 
 
 def test_path_draws_train_and_are_refused_outside_pretraining(tiny_store, tmp_path):
@@ -190,3 +192,7 @@ def test_path_draws_train_and_are_refused_outside_pretraining(tiny_store, tmp_pa
 
     with pytest.raises(ValueError, match="pretraining only"):
         Trainer(store, tmp_path / "b", NeuralBaselineConfig(kind="cnp"), cfg(path_draws=2))
+    from flownp.jobs.finetune import FinetuneConfig, FineTuner
+
+    with pytest.raises(ValueError, match="pretraining only"):  # fine-tunes and their controls draw K = 1
+        FineTuner(store, tmp_path / "f", tmp_path / "k" / "best.pt", FinetuneConfig(), cfg(path_draws=2))

@@ -278,8 +278,11 @@ class FlowNP(nn.Module):
         if yt.dim() == 3:
             return self.velocity(ctx, xt, yt, t)
         b, k, n, d = yt.shape
-        rep, xs = self.expand_samples(ctx, xt, k)
         t = torch.as_tensor(t, dtype=yt.dtype, device=yt.device)
+        if t.dim() not in (0, 3):
+            raise ValueError(f"with K states per task (yt {tuple(yt.shape)}) t is a scalar or (B, K, n_tgt), "
+                             f"got {tuple(t.shape)}")
+        rep, xs = self.expand_samples(ctx, xt, k)
         return self.velocity(rep, xs, yt.reshape(b * k, n, d), t.expand(b, k, n).reshape(b * k, n)).reshape(b, k, n, d)
 
 

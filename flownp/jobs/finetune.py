@@ -147,7 +147,7 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
 
 #: what a fine-tune and its control must share (train_config fields): the optimiser steps, the batch and the
 #: task stream (the sampler is a function of the seed, the context and target sizes and the batch size)
-PAIRED_TRAIN_FIELDS = ("steps", "batch_size", "n_ctx_min", "n_ctx_max", "n_tgt", "seed")
+PAIRED_TRAIN_FIELDS = ("steps", "batch_size", "n_ctx_min", "n_ctx_max", "n_tgt", "seed", "path_draws")
 
 
 def check_same_start(finetune_ckpt: dict[str, Any], control_ckpt: dict[str, Any]) -> None:
@@ -186,6 +186,9 @@ class FineTuner(Trainer):
 
     def __init__(self, store: Store, out: str | Path, base_path: str | Path, ft: FinetuneConfig,
                  cfg: TrainConfig, dist: Any = None) -> None:
+        if cfg.path_draws != 1:  # the objectives here draw their own paths; a control must match its fine-tune
+            raise ValueError("path_draws applies to flow-matching pretraining only; fine-tuning and its control "
+                             "run with path_draws 1")
         self.ft, self.base_path = ft, Path(base_path)
         self.base_sha256 = sha256_file(base_path)  # what this run starts from (resume checks it)
         self.base_ckpt = load_checkpoint(base_path)

@@ -147,7 +147,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model, self.objective, self.kind = self.build(model_cfg)
         if cfg.path_draws > 1:
-            if self.objective is not fm_loss:
+            if self.objective is not fm_loss or type(model) is not FlowNP:
                 raise ValueError("path_draws > 1 applies to flow-matching pretraining only")
             self.objective = functools.partial(fm_loss, draws=cfg.path_draws)
         self.model = model.to(self.device)
