@@ -26,7 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_era5 import DEFAULT_FILE, load_map, make_splits  # noqa: E402
 
 from flownp.checkpoint import load_checkpoint  # noqa: E402
-from flownp.inference import build_model, default_model, extrapolate, log_likelihood, parse_solver, task  # noqa: E402
+from flownp.inference import (Task, build_model, default_model, extrapolate, log_likelihood, parse_solver,  # noqa: E402
+                              task)
+
+
+def real_request(lm) -> Task:
+    """The real map's first frozen dense split (bench/real_era5.py) as a request to `lm`: about 1000
+    context points / 245 targets, true target values included."""
+    values, _ = load_map(DEFAULT_FILE)
+    era5 = lm.space.to_era5(lm.space.normalizer.normalize(values).astype(np.float32))  # ERA5 units
+    sp = make_splits("dense", 1, 0, len(values))[0]
+    ci, ti = sp.perm[:sp.n_ctx], sp.perm[sp.n_ctx:]
+    lat, lon = lm.space.region.circle_lat, lm.space.region.circle_lon
+    return task(lm.space, lat[ci], lon[ci], era5[ci].astype(np.float32), lat[ti], lon[ti], era5[ti].astype(np.float32))
 
 
 def main() -> None:
@@ -42,12 +54,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     lm = default_model() if a.checkpoint == "default" else build_model("bench", load_checkpoint(a.checkpoint),
                                                                          None, a.checkpoint)
-    values, _ = load_map(DEFAULT_FILE)
-    era5 = lm.space.to_era5(lm.space.normalizer.normalize(values).astype(np.float32))  # ERA5 units
-    sp = make_splits("dense", 1, 0, len(values))[0]
-    ci, ti = sp.perm[:sp.n_ctx], sp.perm[sp.n_ctx:]
-    lat, lon = lm.space.region.circle_lat, lm.space.region.circle_lon
-    t = task(lm.space, lat[ci], lon[ci], era5[ci].astype(np.float32), lat[ti], lon[ti], era5[ti].astype(np.float32))
+    t = real_request(lm)
+    n_ctx, n_tgt = t.xc.shape[1], t.xt.shape[1]
     pick = lambda spec, kind, fb: lm.solver(kind, parse_solver(fb)) if spec == "model" else parse_solver(spec)  # noqa: E731
     solver, ll_solver = pick(a.solver, "sample", "euler:8"), pick(a.ll_solver, "log_likelihood", "midpoint:2")
 
@@ -73,7 +81,7 @@ def main() -> None:
     base = timed(lambda: lm.model.task_transform(t.xc, t.yc, t.xt)) if getattr(lm.model, "has_task_transform",
                                                                              False) else [0.0]
     med = statistics.median
-    print(f"request: {sp.n_ctx} context / {len(ti)} targets of the real map, {a.threads} threads, {a.repeats} repeats")
+    print(f"request: {n_ctx} context / {n_tgt} targets of the real map, {a.threads} threads, {a.repeats} repeats")
     print(f"(a) {a.samples} samples ({solver.describe()}) with log-likelihoods ({ll_solver.describe()}): "
           f"p50 {med(req):.3f} s, max {max(req):.3f} s  (goal p50 <= 1 s: {'met' if med(req) <= 1 else 'MISSED'})")
     if vs is not None:

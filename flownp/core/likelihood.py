@@ -1,8 +1,10 @@
 """log p(targets | context) by the instantaneous change of variables, integrated from data (t = 1) to
 noise (t = 0): log p1(y1) = log N(y0; 0, I) - int_0^1 div v(t, y_t) dt.
 
-Divergence: "exact-blocks" (sum of y_dim VJPs with one-hot cotangents; exact when every target's flow
-depends only on itself and the context, i.e. targets="independent"), "exact-full" (one VJP per
+Divergence: "exact-blocks" (exact when every target's flow depends only on itself and the context, i.e.
+targets="independent": the trace of each target's y_dim x y_dim Jacobian block, from forward tangents
+where the model offers them (`FlowNP.velocity_jacobian`, arch='pointwise'), else y_dim VJPs with one-hot
+cotangents), "exact-full" (one VJP per
 target element; exact for any model, for small sets), or "hutchinson" (n Rademacher or Gaussian probes,
 seeded and held fixed along the path; the spread over probes is reported).
 Units: nats in normalised model space; `physical` subtracts n_tgt * sum(log std).
@@ -21,9 +23,21 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flownp.core.sampling import expand_samples, task_transform
-from flownp.core.solvers import SolverConfig, solve
+from flownp.core.solvers import AugmentedField, SolverConfig, solve
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+JacobianFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Velocity:
+    """vf(t, y) -> v (B, n, D), and where the model gives them, `jacobian(t, y)` -> (v, each target's
+    Jacobian block (B, n, D, D)) for targets that are independent given the context."""
+
+    def __init__(self, fn: VelocityFn, jacobian: JacobianFn | None = None) -> None:
+        self.fn, self.jacobian = fn, jacobian
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.fn(t, y)
 ESTIMATORS = ("exact-blocks", "exact-full", "hutchinson")
 
 
@@ -94,8 +108,14 @@ def divergence_integral(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfi
     -> (y0 (B, n, D), a (B, P) = -int_0^1 div v dt per probe (P = 1 for exact traces), nfe). One flow's
     change of variables: log p1(y1) = log p0(y0) + a."""
 
+    jacobian = getattr(vf, "jacobian", None) if estimator == "exact-blocks" and not create_graph else None
+
     def field(t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         y = state[0]
+        if jacobian is not None and known is None:  # forward tangents: no graph, no backward passes
+            with torch.no_grad():
+                v, jac = jacobian(t, y)
+            return v, jac.diagonal(dim1=-2, dim2=-1).sum((-2, -1))[:, None]
         with torch.enable_grad():
             y_in = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
             v = vf(t, y_in)
@@ -107,11 +127,20 @@ def divergence_integral(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfi
             v, div = v.detach(), div.detach()
         return v, div
 
+    def velocity_only(t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The state's derivative alone (the divergence left at zero): for solver stages that do not use it."""
+        y = state[0]
+        with torch.set_grad_enabled(create_graph):
+            v = vf(t, y)
+            if known is not None:
+                v = v + known(t, y)[0]
+        return v, torch.zeros_like(state[1])
+
     p = probes.shape[0] if estimator == "hutchinson" else 1
     a0 = torch.zeros(y1.shape[0], p, dtype=y1.dtype, device=y1.device)
     # fused attention kernels have no second derivative: differentiating the divergence needs the math one
     with sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
-        sol = solve(field, (y1, a0), 1.0, 0.0, solver)
+        sol = solve(AugmentedField(field, velocity_only), (y1, a0), 1.0, 0.0, solver)
     y0, a = sol.state
     return y0, a, sol.nfe
 
@@ -240,7 +269,9 @@ def flow_field(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor,
         ctx = model.encode_context(xc, yc)
         if samples > 1:
             ctx, xt = expand_samples(model, ctx, xt, samples)
-    vf: VelocityFn = lambda t, y: model.velocity(ctx, xt, y, t)  # noqa: E731
+    blocks = getattr(model, "has_jacobian_blocks", False)
+    vf: VelocityFn = Velocity(lambda t, y: model.velocity(ctx, xt, y, t),  # noqa: E731
+                              (lambda t, y: model.velocity_jacobian(ctx, xt, y, t)) if blocks else None)
     known: KnownFn | None = None
     gav = getattr(model, "gav_config", None)
     if gav is not None and gav.kind != "mlp":

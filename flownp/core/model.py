@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flownp.core import tangents
 from flownp.core.config import ModelConfig
 from flownp.core.encoding import Sinusoidal, geometric_freqs, reference_freqs
 from flownp.core.gp_base import GPFitSettings, TaskTransform, task_transform
@@ -95,6 +96,21 @@ class CachedBlock(nn.Module):
                               torch.eye(nt, dtype=torch.bool, device=q.device)], dim=1)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self._finish(ht, a)
+
+    def target_tangents(self, ht: torch.Tensor, dht: torch.Tensor, kc: torch.Tensor,
+                        vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target(ht, kc, vc, joint=False)` and its tangents: ht (B, n, d), dht (T, B, n, d) ->
+        (next ht, its tangents) (flownp.core.tangents)."""
+        qkv, dqkv = tangents.linear(self.qkv, ht, dht)
+        b, n, d = ht.shape
+        heads = lambda z: z.view(*z.shape[:-2], n, 3, self.heads, d // self.heads).movedim(-3, 0).transpose(-2, -3)  # noqa: E731
+        (q, k, v), (dq, dk, dv) = heads(qkv), heads(dqkv)  # each (B, heads, n, d_head) / (T, B, heads, n, d_head)
+        a, da = tangents.attention_context_and_self(q, kc, vc, k, v, dq, dk, dv)
+        merge = lambda z: z.transpose(-2, -3).reshape(*z.shape[:-3], n, d)  # noqa: E731
+        h, dh = tangents.linear(self.proj, merge(a), merge(da))
+        h, dh = tangents.layer_norm(self.ln1, ht + h, dht + dh)
+        f, df = tangents.module(self.ff, h, dh)
+        return tangents.layer_norm(self.ln2, h + f, dh + df)
 
 
 @dataclass
@@ -216,6 +232,39 @@ class FlowNP(nn.Module):
             for blk, (k, v) in zip(self.blocks, ctx.kv):
                 h = blk.target(h, k, v, self.joint)
         return self.head(h)
+
+    @property
+    def has_jacobian_blocks(self) -> bool:
+        """Whether `velocity_jacobian` applies: arch='pointwise' with independent targets and no neighbour
+        attention in the head."""
+        c = self.config
+        return c.arch == "pointwise" and c.targets == "independent" and not c.head_neighbours
+
+    def velocity_jacobian(self, ctx: Context, xt: torch.Tensor, yt: torch.Tensor,
+                          t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """v(t, yt | context) (B, n_tgt, y_dim) and each target's Jacobian block J (B, n_tgt, y_dim, y_dim),
+        J[b, i, a, j] = d v[b, i, a] / d yt[b, i, j] (the whole Jacobian: targets are independent), by forward
+        tangents (flownp.core.tangents); trace(J) summed over targets is the exact divergence."""
+        if not self.has_jacobian_blocks:
+            raise NotImplementedError("velocity_jacobian needs arch='pointwise', targets='independent' and "
+                                      "head_neighbours=0")
+        t = torch.as_tensor(t, dtype=yt.dtype, device=yt.device)
+        t = t.reshape(t.shape + (1,) * (2 - t.dim())).expand(yt.shape[:-1]) if t.dim() < 2 else t
+        d = yt.shape[-1]
+        f = self._target_features(ctx, xt)
+        et = self.enc_t(t.unsqueeze(-1))
+        eye = torch.eye(d, dtype=yt.dtype, device=yt.device)
+        dy = eye[:, None, None, :].expand(d, *yt.shape)  # (T = y_dim, B, n, y_dim): one tangent per y dimension
+        det = torch.zeros((d, *et.shape), dtype=yt.dtype, device=yt.device)
+        h, dh = f.h, torch.zeros((d, *f.h.shape), dtype=yt.dtype, device=yt.device)
+        m = self.config.value_layers
+        if m:
+            e, de = tangents.module(self.embed_value, torch.cat([et, yt], dim=-1), torch.cat([det, dy], dim=-1))
+            h, dh = h + e, dh + de
+            for blk, (k, v) in zip(self.blocks[-m:], ctx.kv[-m:]):
+                h, dh = blk.target_tangents(h, dh, k, v)
+        out, dout = tangents.module(self.head, torch.cat([h, et, yt], dim=-1), torch.cat([dh, det, dy], dim=-1))
+        return out, dout.movedim(0, -1)
 
     def expand_samples(self, ctx: Context, xt: torch.Tensor, n: int) -> tuple[Context, torch.Tensor]:
         """A context of B tasks and their target locations xt (B, n_tgt, x_dim) for n samples per task:

@@ -38,6 +38,10 @@ class CheckedFlow:
         self._check()
         return self._flow.velocity(*a, **kw)
 
+    def velocity_jacobian(self, *a: Any, **kw: Any) -> Any:
+        self._check()
+        return self._flow.velocity_jacobian(*a, **kw)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._flow, name)
 

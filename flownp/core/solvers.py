@@ -2,7 +2,9 @@
 (dopri5, ...) and adjoint solves. Every solve reports its number of function evaluations (NFE).
 
 A field is `f(t: float tensor (), state: tuple[Tensor, ...]) -> tuple[Tensor, ...]`. t1 < t0 integrates
-backwards (used by the likelihood: data at t = 1 to noise at t = 0).
+backwards (used by the likelihood: data at t = 1 to noise at t = 0). An `AugmentedField` (a field whose
+value depends on state[0] only, the rest being accumulators such as a log-density) lets the own midpoint
+method skip the accumulators' derivative at its first stage, which that method never uses.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ class Solution:
     nfe: int
 
 
+class AugmentedField:
+    """A field whose value depends on state[0] only; state[1:] are accumulators (the log-density of a
+    likelihood solve). `f(t, state)` gives every derivative; `primal(t, state)` state[0]'s alone with zeros
+    for the accumulators, for the stages whose accumulator derivatives a method does not use (the
+    midpoint method's first: it only places the midpoint, and the field ignores accumulators)."""
+
+    def __init__(self, f: Field, primal: Field) -> None:
+        self.f, self.primal = f, primal
+
+    def __call__(self, t: torch.Tensor, y: State) -> State:
+        return self.f(t, y)
+
+
 def _axpy(a: State, h: float | torch.Tensor, b: State) -> State:
     return tuple(x + h * y for x, y in zip(a, b))
 
@@ -71,7 +86,7 @@ def _fixed(f: Field, y: State, t0: float, t1: float, steps: int, method: str) ->
             y = _axpy(y, h, f(t, y))
             nfe += 1
         elif method == "midpoint":
-            k1 = f(t, y)
+            k1 = f.primal(t, y) if isinstance(f, AugmentedField) else f(t, y)
             y = _axpy(y, h, f(t + h / 2, _axpy(y, h / 2, k1)))
             nfe += 2
         else:  # rk4
