@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flownp.core.solvers import NFE_PER_STEP
 from ingest.io import atomic_path, sha256_file
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -58,47 +59,83 @@ TRAINED_ON = ("flownp-ingest synthesize --law broad --years 1986-1989 --months 1
 
 
 # what a solver may cost in accuracy to become the model's default (docs/results.md §5.2): the likelihood's
-# max |error| against dopri5 1e-7 in nats per target point, the samples' RMSE against a dopri5 solve of the same
-# noise in model units (kPa, degC, m/s)
+# max |error| against dopri5 1e-7 in nats per target point; the samples' RMSE against a dopri5 solve of the same
+# noise, in model units (kPa, degC, m/s): SAMPLE_RELATIVE_TOLERANCE of the model's own RMSE in each regime where
+# that is known (the real-map benchmark; a solver error that small adds at most 0.125% to the RMSE in
+# quadrature), else the absolute SAMPLE_TOLERANCE
 LL_TOLERANCE = 0.01
 SAMPLE_TOLERANCE = {"sp": 1e-3, "t2m": 1e-2, "u10": 1e-2, "v10": 1e-2}
+SAMPLE_RELATIVE_TOLERANCE = 0.05
+
+
+def _sample_cost(key: str) -> int:
+    """A sampling solver's key ("euler:8", "midpoint:4") -> its network evaluations."""
+    method, steps = key.split(":")
+    return NFE_PER_STEP[method] * int(steps)
+
+
+def sample_tolerances(regimes: list[str], model_rmse: dict[str, dict[str, float]] | None = None,
+                      rel_tol: float = SAMPLE_RELATIVE_TOLERANCE) -> dict[str, dict[str, float]]:
+    """{regime: {variable: tolerance in model units}}: rel_tol x the model's RMSE (`model_rmse`: {regime:
+    {variable: RMSE in ERA5 units}}, e.g. `real_map_summary`'s) where given, else SAMPLE_TOLERANCE."""
+    from ingest.variables import BY_NAME
+
+    out = {}
+    for regime in regimes:
+        rmse = (model_rmse or {}).get(regime)
+        out[regime] = ({v: rel_tol * rmse[v] * abs(BY_NAME[v].scale) for v in SAMPLE_TOLERANCE} if rmse
+                       else dict(SAMPLE_TOLERANCE))
+    return out
 
 
 def choose_solvers(study: dict[str, Any], ll_tol: float = LL_TOLERANCE,
-                   sample_tol: dict[str, float] | None = None) -> dict[str, Any] | None:
-    """The model's solver defaults from a bench/ll_solver_error.py JSON: the fewest Euler steps whose samples
-    stay within `sample_tol` of dopri5 in every regime, and the cheapest fixed-step likelihood solver within
-    `ll_tol` nats per point of dopri5 in every regime; None for a part nothing meets (the service's global
-    defaults then apply). The measurement travels with the choice."""
-    tol = sample_tol or SAMPLE_TOLERANCE
-    regimes = list(study.get("regimes", {}).values())
-    if not regimes:
+                   model_rmse: dict[str, dict[str, float]] | None = None,
+                   rel_tol: float = SAMPLE_RELATIVE_TOLERANCE) -> dict[str, Any] | None:
+    """The model's solver defaults from a bench/ll_solver_error.py JSON: the sampling solver with the fewest
+    evaluations whose samples stay within tolerance of dopri5 in every regime (`sample_tolerances`; at equal
+    evaluations the likelihood solver if it is one, else the one furthest within it), and the cheapest fixed-step likelihood solver within `ll_tol`
+    nats per point of dopri5 in every regime; None for a part nothing meets (the service's global defaults
+    then apply). The measurement travels with the choice."""
+    names = list(study.get("regimes", {}))
+    regimes = study.get("regimes", {})
+    if not names:
         return None
+    tol = sample_tolerances(names, model_rmse, rel_tol)
 
-    def ok_sample(k: str) -> bool:
-        return all(k in r.get("sample_rmse", {}) and all(r["sample_rmse"][k][v] <= t for v, t in tol.items())
-                   for r in regimes)
+    def worst(k: str) -> float:
+        """The largest error / tolerance of sampler k over regimes and variables (inf where unmeasured)."""
+        return max((regimes[r]["sample_rmse"][k][v] / t if k in regimes[r].get("sample_rmse", {}) else float("inf"))
+                   for r in names for v, t in tol[r].items())
 
     def ok_ll(s: str) -> bool:
-        return all(r["ll_max_abs_error"].get(s, float("inf")) <= ll_tol for r in regimes)
+        return all(r.get("ll_max_abs_error", {}).get(s, float("inf")) <= ll_tol for r in regimes.values())
 
-    sample_keys = sorted({k for r in regimes for k in r.get("sample_rmse", {})}, key=lambda k: int(k.split(":")[1]))
-    ll_keys = sorted({s for r in regimes for s in r["ll_max_abs_error"]},
-                     key=lambda s: sum(r["ll_seconds_per_task"].get(s, float("inf")) for r in regimes))
-    sample = next((k for k in sample_keys if ok_sample(k)), None)
+    ll_keys = sorted({s for r in regimes.values() for s in r.get("ll_max_abs_error", {})},
+                     key=lambda s: sum(r["ll_seconds_per_task"].get(s, float("inf")) for r in regimes.values()))
     ll = next((s for s in ll_keys if ok_ll(s)), None)
+    meets = [k for k in {k for r in regimes.values() for k in r.get("sample_rmse", {})} if worst(k) <= 1.0]
+    # at the fewest evaluations: the likelihood solver itself if it qualifies (a request's samples are then
+    # scored in the solve that draws them, flownp.inference.one_solve: no separate sampling pass), else the
+    # sampler furthest within its tolerance
+    sample = min(meets, key=lambda k: (_sample_cost(k), k != ll, worst(k), k)) if meets else None
+    one = {k: r["one_solve_ll_max_abs_error"].get(sample) for k, r in regimes.items()
+           if sample and sample == ll and "one_solve_ll_max_abs_error" in r}
     return {"sample": sample, "log_likelihood": ll,
-            "tolerances": {"log_likelihood_nats_per_point": ll_tol, "sample_rmse_model_units": tol},
+            "tolerances": {"log_likelihood_nats_per_point": ll_tol, "sample_rmse_model_units": tol,
+                           "sample_rule": (f"{rel_tol:g} x the model's RMSE on the real map" if model_rmse
+                                           else "absolute")},
             "measured": {"by": "bench/ll_solver_error.py", "splits": study.get("splits"),
                          "reference": study.get("reference"),
-                         "ll_max_abs_error": {k: r["ll_max_abs_error"].get(ll) for k, r in study["regimes"].items()}
+                         "ll_max_abs_error": {k: r["ll_max_abs_error"].get(ll) for k, r in regimes.items()}
                          if ll else None,
                          # the chosen row, or every measured row when none is within the tolerance (the service's
                          # global default then samples, and how far each step count is stays on record)
-                         "sample_rmse": {k: r.get("sample_rmse", {}).get(sample) for k, r in study["regimes"].items()}
+                         "sample_rmse": {k: r.get("sample_rmse", {}).get(sample) for k, r in regimes.items()}
                          if sample else None,
                          **({} if sample else {"sample_rmse_all": {k: r.get("sample_rmse")
-                                                                   for k, r in study["regimes"].items()}})}}
+                                                                   for k, r in regimes.items()}}),
+                         # the same solver draws and scores: a request's samples are scored in their own solve
+                         **({"samples_ll_max_abs_error": one} if one else {})}}
 
 
 # what a sampler may cost in accuracy to become a model's default: its CRPS over the global ODE's at 100
@@ -197,6 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     ch.add_argument("study", type=Path)
     ch.add_argument("--fallback", default="euler:8,midpoint:2",
                     help="SAMPLE,LL used for a part nothing in the study meets (the service's global defaults)")
+    ch.add_argument("--real-map", type=Path, default=None,
+                    help="JSON of bench/real_era5.py: sample tolerances relative to the model's RMSE there")
+    rv = sub.add_parser("record-solvers", help="Rewrite a packed model's manifest `solvers` from a (new) "
+                        "bench/ll_solver_error.py JSON, the tolerances relative to the manifest's own real-map RMSE "
+                        "(the checkpoint and the rest of the manifest unchanged).")
+    rv.add_argument("study", type=Path)
+    rv.add_argument("--models", type=Path, default=None, help="the folder of default.json (default: flownp/models)")
+    rv.add_argument("--real-map", type=Path, default=None,
+                    help="JSON of bench/real_era5.py on this model at the new solvers: replaces `real_map` first")
     rs = sub.add_parser("record-samplers", help="Copy a checkpoint with its default sampler chosen from a "
                         "bench/sampling_latency.py JSON (the `samplers` the service reads).")
     rs.add_argument("checkpoint", type=Path)
@@ -206,8 +252,19 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cmd == "choose-solvers":
         fb_sample, fb_ll = args.fallback.split(",")
-        got = choose_solvers(json.loads(args.study.read_text())) or {}
+        real = real_map_summary(json.loads(args.real_map.read_text())) if args.real_map else None
+        got = choose_solvers(json.loads(args.study.read_text()), model_rmse=model_rmse(real)) or {}
         print(got.get("sample") or fb_sample, got.get("log_likelihood") or fb_ll)
+        return
+    if args.cmd == "record-solvers":
+        man_path = default_paths(args.models)[1]
+        man = json.loads(man_path.read_text())
+        if args.real_map is not None:
+            man["real_map"] = real_map_summary(json.loads(args.real_map.read_text()))
+        man["solvers"] = choose_solvers(json.loads(args.study.read_text()), model_rmse=model_rmse(man.get("real_map")))
+        with atomic_path(man_path) as tmp:
+            tmp.write_text(json.dumps(man, indent=2) + "\n")
+        print(json.dumps(man["solvers"], indent=2))
         return
     if args.cmd == "record-samplers":
         try:
@@ -219,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     real = None
     if args.real_map is not None:
         real = real_map_summary(json.loads(args.real_map.read_text()))
-    solvers = choose_solvers(json.loads(args.solver_study.read_text())) if args.solver_study else None
+    solvers = (choose_solvers(json.loads(args.solver_study.read_text()), model_rmse=model_rmse(real))
+               if args.solver_study else None)
     samplers = None
     if args.sampler_study:
         from flownp.checkpoint import load_checkpoint, model_from_checkpoint
@@ -229,6 +287,12 @@ def main(argv: list[str] | None = None) -> None:
                                   offered(model_from_checkpoint(load_checkpoint(args.checkpoint))))
     print(json.dumps(pack(args.checkpoint, args.out, args.recipe, real_map=real, solvers=solvers,
                           samplers=samplers), indent=2))
+
+
+def model_rmse(real_map: dict[str, Any] | None) -> dict[str, dict[str, float]] | None:
+    """{regime: {variable: RMSE in ERA5 units}} of a `real_map_summary` (a manifest's `real_map`), or None."""
+    out = {k: v["rmse"] for k, v in (real_map or {}).items() if isinstance(v, dict) and v.get("rmse")}
+    return out or None
 
 
 def real_map_summary(bench: dict[str, Any]) -> dict[str, Any]:

@@ -30,9 +30,12 @@ from flownp import samplers as _samplers
 from flownp.checkpoint import lineage_n_ctx_min, load_verified, model_from_checkpoint
 from flownp.core.likelihood import log_likelihood as _log_likelihood
 from flownp.core.likelihood import resolve_estimator as resolve_core_estimator
+from flownp.core.likelihood import is_one_flow as _is_one_flow
+from flownp.core.likelihood import sample_log_likelihood as _sample_log_likelihood
 from flownp.core.likelihood import samples_log_likelihood as _samples_log_likelihood
 from flownp.core.model import count_parameters
 from flownp.core.sampling import CheckedFlow
+from flownp.core.sampling import draw_noise as _draw_noise
 from flownp.core.sampling import sample as _sample
 from flownp.core.sampling import task_transform as _task_transform
 from flownp.core.solvers import FIXED, SolverConfig
@@ -224,6 +227,14 @@ def _watched(model: Any, check: Callable[[], None] | None) -> Any:
     return model if check is None else _Watched(model, check)
 
 
+def one_solve(plan: "_samplers.Plan", solver: SolverConfig, ll_solver: SolverConfig) -> bool:
+    """Whether a request's samples and their log-likelihoods come from one solve (forwards from the noise,
+    `flownp.core.likelihood.sample_log_likelihood`): the same fixed-step solver for both, and one flow that
+    both draws and scores (not an LFM, a distilled sampler or a GAV model)."""
+    return (solver == ll_solver and solver.method in FIXED and not solver.adjoint and plan.runner is plan.scorer
+            and plan.uses_solver and _is_one_flow(plan.runner))
+
+
 def extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: SolverConfig, seed: int,
                 with_ll: bool, ll_solver: SolverConfig, estimator: str, n_probes: int = 1,
                 check: Callable[[], None] | None = None, sampler: str | None = None) -> dict[str, Any]:
@@ -235,22 +246,33 @@ def extrapolate(lm: LoadedModel, task: Task, *, num_samples: int, solver: Solver
     gen = torch.Generator().manual_seed(seed)
     # a model's per-task transform (its GP base) is fitted once and serves the samples and their scores
     tr = _task_transform(plan.runner, task.xc, task.yc, task.xt)
-    res = _sample(_watched(plan.runner, check), task.xc, task.yc, task.xt, n_samples=num_samples, solver=solver,
-                  generator=gen, transform=tr)
-    smp = res.samples[0]  # (S, n, 4) normalised
-    out: dict[str, Any] = {"samples": lm.space.to_era5(smp.numpy()), "nfe": res.nfe,
-                           "sampler": {**plan.describe(solver), "nfe": res.nfe}}
+    runner = _watched(plan.runner, check)
+    ll = None
+    scored_in_solve = with_ll and one_solve(plan, solver, ll_solver)
+    if scored_in_solve:  # the samples and their scores from the same solve
+        smp, ll = _sample_log_likelihood(runner, task.xc, task.yc, task.xt,
+                                         _draw_noise(plan.runner, task.xt, num_samples, gen), solver=solver,
+                                         estimator=estimator, n_probes=n_probes, seed=seed, transform=tr)
+        smp, nfe = smp[0], ll.nfe
+    else:
+        res = _sample(runner, task.xc, task.yc, task.xt, n_samples=num_samples, solver=solver, generator=gen,
+                      transform=tr)
+        smp, nfe = res.samples[0], res.nfe  # (S, n, 4) normalised
+    out: dict[str, Any] = {"samples": lm.space.to_era5(smp.numpy()), "nfe": nfe,
+                           "sampler": {**plan.describe(solver), "nfe": nfe}}
     if with_ll:
         s, n = num_samples, task.xt.shape[1]
-        m = _watched(plan.scorer, check)
-        ll = _samples_log_likelihood(m, task.xc, task.yc, task.xt, smp[None], solver=ll_solver, estimator=estimator,
-                                     n_probes=n_probes, seed=seed, transform=tr)
+        if ll is None:
+            ll = _samples_log_likelihood(_watched(plan.scorer, check), task.xc, task.yc, task.xt, smp[None],
+                                         solver=ll_solver, estimator=estimator, n_probes=n_probes, seed=seed,
+                                         transform=tr)
         joint_n = ll.joint.numpy().astype(np.float64)
         out["ll"] = {"joint": lm.space.log_density(joint_n, n, "era5"), "joint_normalised": joint_n,
                      "units": LL_UNITS, "kind": LL_KIND,
                      "spread": None if ll.spread is None else ll.spread.numpy().astype(np.float64),
                      "estimator": ll.estimator, "n_probes": ll.n_probes, "nfe": ll.nfe, "solver": ll.solver,
-                     "exact_density": plan.exact_density, "scored_by": plan.scored_by, "density": ll.density}
+                     "exact_density": plan.exact_density, "scored_by": plan.scored_by, "density": ll.density,
+                     "in_sampling_solve": scored_in_solve}
     return out
 
 

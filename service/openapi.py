@@ -95,6 +95,9 @@ ANSWER_SCHEMAS: dict[str, Any] = {
                        "blocks": {"type": "integer"}, "nfe": {"type": "integer"},
                        "exact_density": {"type": "boolean", "description": "false: the samples came from distilled "
                                          "maps and these are the teacher's log-likelihoods of them."},
+                       "in_sampling_solve": {"type": "boolean", "description": "true: scored in the solve that drew "
+                                             "the samples (the same solver and steps for both), forwards from "
+                                             "their noise; false: a separate backward solve from each sample."},
                        "scored_by": _SCORED_BY}},
     "Extrapolation": {
         "type": "object", "required": ["model", "context", "sampler", "latitude", "longitude", "sample", "units",

@@ -53,6 +53,7 @@ def extrapolation_body(meta: dict[str, Any], lat: list[float], lon: list[float],
             "spread": None if ll["spread"] is None else ll["spread"].tolist(),
             **meta["log_likelihood"], "nfe": ll["nfe"],
             "exact_density": ll["exact_density"], "scored_by": ll["scored_by"],
+            "in_sampling_solve": ll.get("in_sampling_solve", False),
         }
     body["timing"] = meta["timing"]
     return body

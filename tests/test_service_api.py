@@ -48,18 +48,22 @@ def test_extrapolate_json_echoes_coordinates_and_labels_everything(client):
 
 
 def test_a_request_naming_no_solver_runs_the_models_measured_one(client):
-    """The default model records midpoint 4 for likelihoods and no sampler (none of its study's Euler step
-    counts met the sample tolerance on sparse contexts), so its samples take the global Euler 8 (the global
-    fallbacks are Euler 8 / midpoint 2 / midpoint 8); a request that names no solver runs them, one that names
-    either part runs what it names, the rest from the global default."""
+    """The default model records midpoint 4 for both sampling and likelihoods (docs/results.md §5.8; the
+    global fallbacks are Euler 8 / midpoint 2 / midpoint 8), so a request that names no solver draws and
+    scores its samples in one midpoint-4 solve; one that names either part runs what it names, the rest from
+    the global default, and then scores its samples in a separate solve."""
     man = client.get("/v1/models/synthetic-default").json()
-    assert man["solvers"]["sample"] is None and man["solvers"]["log_likelihood"] == "midpoint:4"
+    assert man["solvers"]["sample"] == man["solvers"]["log_likelihood"] == "midpoint:4"
     body = small_request()
     body.pop("steps")
     body.pop("log_likelihood")
     j = client.post("/v1/extrapolate", json={**body, "include": ["mean", "log_likelihood"]}).json()
-    assert (j["sampler"]["solver"], j["sampler"]["steps"], j["sampler"]["nfe"]) == ("euler", 8, 8)
+    assert (j["sampler"]["solver"], j["sampler"]["steps"], j["sampler"]["nfe"]) == ("midpoint", 4, 8)
     assert (j["log_likelihood"]["solver"], j["log_likelihood"]["steps"]) == ("midpoint", 4)
+    assert j["log_likelihood"]["in_sampling_solve"] is True and j["log_likelihood"]["nfe"] == 8
+    named = client.post("/v1/extrapolate", json={**body, "log_likelihood": {"steps": 8},
+                                                 "include": ["log_likelihood"]}).json()
+    assert named["log_likelihood"]["in_sampling_solve"] is False and named["log_likelihood"]["steps"] == 8
     j = client.post("/v1/extrapolate", json={**body, "solver": "midpoint", "include": ["mean"]}).json()
     assert (j["sampler"]["solver"], j["sampler"]["steps"]) == ("midpoint", 8)  # the rest from the global default
     ll = small_ll_request()

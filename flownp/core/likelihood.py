@@ -103,10 +103,12 @@ KnownFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 
 def divergence_integral(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfig, estimator: str,
                         probes: torch.Tensor | None = None, create_graph: bool = False,
-                        known: KnownFn | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                        known: KnownFn | None = None,
+                        span: tuple[float, float] = (1.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Integrate dy/dt = vf(t, y) (+ `known`) from y1 (B, n, D) at t = 1 to t = 0 with the divergence:
     -> (y0 (B, n, D), a (B, P) = -int_0^1 div v dt per probe (P = 1 for exact traces), nfe). One flow's
-    change of variables: log p1(y1) = log p0(y0) + a."""
+    change of variables: log p1(y1) = log p0(y0) + a. span=(0, 1) runs it forwards from a noise state
+    instead: -> (y1, a = +int_0^1 div v dt, nfe), and log p1(y1) = log p0(y0) - a."""
 
     jacobian = getattr(vf, "jacobian", None) if estimator == "exact-blocks" and not create_graph else None
 
@@ -140,7 +142,7 @@ def divergence_integral(vf: VelocityFn, y1: torch.Tensor, *, solver: SolverConfi
     a0 = torch.zeros(y1.shape[0], p, dtype=y1.dtype, device=y1.device)
     # fused attention kernels have no second derivative: differentiating the divergence needs the math one
     with sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
-        sol = solve(AugmentedField(field, velocity_only), (y1, a0), 1.0, 0.0, solver)
+        sol = solve(AugmentedField(field, velocity_only), (y1, a0), span[0], span[1], solver)
     y0, a = sol.state
     return y0, a, sol.nfe
 
@@ -232,9 +234,7 @@ def samples_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: t
     flat = ys.reshape(b * s, *ys.shape[2:])
     tr = transform if transform is not None else task_transform(model, xc, yc, xt)
     tr_s = None if tr is None else tr.repeat(s)
-    shared = (getattr(model, "expand_samples", None) is not None and getattr(model, "gav_config", None) is None
-              and getattr(model, "flow_log_likelihood", None) is None)
-    if not shared:
+    if not is_one_flow(model):
         rep = lambda z: z.repeat_interleave(s, dim=0)  # noqa: E731
         return log_likelihood(model, rep(xc), rep(yc), rep(xt), flat, solver=solver, estimator=estimator,
                               n_probes=n_probes, probe=probe, seed=seed, transform=tr_s)
@@ -246,6 +246,45 @@ def samples_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: t
         return res
     joint = res.joint + tr_s.log_jacobian().to(res.joint.dtype)
     return dataclasses.replace(res, joint=joint, per_point=joint / res.n_targets)
+
+
+def is_one_flow(model: Any) -> bool:
+    """Whether `model` is one FlowNP flow whose samples share their task's work (`expand_samples`): no GAV
+    residual, no flows or maps of its own (LFM, distilled), so its samples can also be scored in the
+    solve that draws them (`sample_log_likelihood`)."""
+    return (getattr(model, "expand_samples", None) is not None and getattr(model, "gav_config", None) is None
+            and getattr(model, "flow_log_likelihood", None) is None and getattr(model, "flow_samples", None) is None)
+
+
+def sample_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, y0: torch.Tensor, *,
+                          solver: SolverConfig, estimator: str = "auto", n_probes: int = 1,
+                          probe: str = "rademacher", seed: int = 0,
+                          transform: Any = None) -> tuple[torch.Tensor, LikelihoodResult]:
+    """Samples from the noise y0 (B, S, n_tgt, D) of the B tasks xc, yc, xt (normalised) and their log p, from
+    ONE solve from t = 0 to 1 of the state and its divergence (the midpoint method evaluates the divergence at
+    its second stages only): -> (samples (B, S, n_tgt, D) normalised, a result over B * S rows, sample index
+    fastest). The samples are those `flownp.core.sampling.sample` draws from y0 with this solver; log p is
+    the same quantity `samples_log_likelihood` integrates backwards from them, to the solver's error. Only for
+    `is_one_flow` models (else ValueError)."""
+    if not is_one_flow(model):
+        raise ValueError("one-solve sampling with likelihoods needs a single FlowNP flow (no GAV residual, LFM "
+                         "or distilled maps): sample, then score with samples_log_likelihood")
+    estimator = resolve_estimator(model.config.targets == "independent", estimator)
+    check_estimator(estimator, n_probes)
+    b, s, n, d = y0.shape
+    tr = transform if transform is not None else task_transform(model, xc, yc, xt)
+    vf, _ = flow_field(model, xc, yc if tr is None else tr.context(yc), xt, samples=s)
+    flat0 = y0.reshape(b * s, n, d)
+    probes = draw_probes(flat0.shape, n_probes, probe, seed, flat0) if estimator == "hutchinson" else None
+    with torch.no_grad():
+        y1, a, nfe = divergence_integral(vf, flat0, solver=solver, estimator=estimator, probes=probes,
+                                         span=(0.0, 1.0))
+    res = result_from_integral(standard_normal_log_density(flat0), -a, estimator=estimator, probe=probe,
+                               solver=f"{solver.describe()}, in the sampling solve", nfe=nfe, n_targets=n)
+    if tr is None:
+        return y1.reshape(b, s, n, d), res
+    joint = res.joint + tr.repeat(s).log_jacobian().to(res.joint.dtype)
+    return tr.inverse(y1.reshape(b, s, n, d)), dataclasses.replace(res, joint=joint, per_point=joint / n)
 
 
 def flow_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, *,

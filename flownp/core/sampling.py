@@ -61,6 +61,12 @@ def task_transform(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Ten
     return fn(xc, yc, xt) if fn is not None else None
 
 
+def draw_noise(model: Any, xt: torch.Tensor, n_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The N(0, I) states (B, S, n_tgt, D) that `sample` starts from for these targets xt (B, n_tgt, x_dim)."""
+    b, n = xt.shape[:2]
+    return torch.randn((b, n_samples, n, model.config.y_dim), generator=generator, dtype=xt.dtype).to(xt.device)
+
+
 @torch.no_grad()
 def sample(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, *, n_samples: int = 1,
            solver: SolverConfig = SolverConfig("euler", 16), generator: torch.Generator | None = None,
@@ -68,11 +74,9 @@ def sample(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: torch.Tensor, *, 
     """Draw n_samples target sets per task. y0 (B, S, n_tgt, D) optionally fixes the noise. A model with a
     per-task transform flows in its space (standardised context, whitened targets) and maps back;
     `transform` passes one already computed for these tasks (`model.task_transform(xc, yc, xt)`)."""
-    b, n = xt.shape[:2]
-    d = model.config.y_dim
     tr = transform if transform is not None else task_transform(model, xc, yc, xt)
     if y0 is None:
-        y0 = torch.randn((b, n_samples, n, d), generator=generator, dtype=xt.dtype).to(xt.device)
+        y0 = draw_noise(model, xt, n_samples, generator)
     # a model made of several flows or maps (flownp.core.lfm) runs its own; a FlowNP is one ODE
     run = getattr(model, "flow_samples", None) or partial(flow_samples, model)
     out, nfe = run(xc, tr.context(yc) if tr is not None else yc, xt, y0, solver)

@@ -71,27 +71,29 @@ def robustness_summary(clean: dict[str, Any], noisy: dict[str, Any]) -> dict[str
 
 
 @torch.no_grad()
-def steps_sweep(model: Any, batches: Iterable[TaskBatch], normalizer: Normalizer, steps: tuple[int, ...],
-                *, n_samples: int = 4, seed: int = 0,
+def steps_sweep(model: Any, batches: Iterable[TaskBatch], normalizer: Normalizer,
+                steps: tuple[int | SolverConfig, ...], *, n_samples: int = 4, seed: int = 0,
                 reference: SolverConfig = SolverConfig("dopri5", rtol=1e-5, atol=1e-5)) -> dict[str, Any]:
-    """RMSE (physical units, per variable) between Euler-K samples and the reference solve of the same
-    noise, for each K in `steps`; also the mean NFE of the reference."""
+    """RMSE (physical units, per variable) between the samples of each solver in `steps` (an int K: Euler
+    with K steps, keyed "K"; a SolverConfig: keyed "method:steps") and the reference solve of the same
+    noise; also the mean NFE of the reference."""
     dev = next(model.parameters()).device
     std = torch.tensor(normalizer.std, dtype=torch.float32)
-    sse = {k: np.zeros(len(NAMES)) for k in steps}
+    solvers = {(str(k) if isinstance(k, int) else f"{k.method}:{k.steps}"):
+               (SolverConfig("euler", k) if isinstance(k, int) else k) for k in steps}
+    sse = {k: np.zeros(len(NAMES)) for k in solvers}
     count, ref_nfe, gen = 0, [], torch.Generator().manual_seed(seed)
     for batch in batches:
         b = batch.to(dev)
         y0 = torch.randn((b.xt.shape[0], n_samples, b.xt.shape[1], b.yt.shape[2]), generator=gen, dtype=b.yt.dtype)
         ref = sample(model, b.xc, b.yc, b.xt, n_samples=n_samples, solver=reference, y0=y0.to(dev))
         ref_nfe.append(ref.nfe)
-        for k in steps:
-            s = sample(model, b.xc, b.yc, b.xt, n_samples=n_samples, solver=SolverConfig("euler", k),
-                       y0=y0.to(dev)).samples
+        for k, solver in solvers.items():
+            s = sample(model, b.xc, b.yc, b.xt, n_samples=n_samples, solver=solver, y0=y0.to(dev)).samples
             sse[k] += ((s - ref.samples).cpu().float() * std).pow(2).sum((0, 1, 2)).double().numpy()
         count += y0.shape[0] * y0.shape[1] * y0.shape[2]
     return {
         "reference": reference.describe(), "reference_nfe_mean": float(np.mean(ref_nfe)),
         "n_samples": n_samples, "units": model_units(),
-        "rmse_to_reference": {str(k): dict(zip(NAMES, np.sqrt(sse[k] / count).tolist())) for k in steps},
+        "rmse_to_reference": {k: dict(zip(NAMES, np.sqrt(sse[k] / count).tolist())) for k in solvers},
     }
