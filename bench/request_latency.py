@@ -7,8 +7,10 @@ the share of (a) the GP base takes. Goals (issue 14): (a) p50 <= 1 s, (b) <= 3 s
         [--solver model|euler:16] [--ll-solver model|midpoint:4] [--versus euler:8,midpoint:2]
 
 `model` (the default) takes the model's recorded solver defaults (its manifest's `solvers`, as the service
-does), else Euler 8 / midpoint 2. `--versus SAMPLE,LL` times (a) with other solvers in the same run and prints
-the ratio, so the comparison does not depend on how busy the machine is.
+does), else Euler 8 / midpoint 2. `--versus SAMPLE,LL` times (a) with other solvers in the same run, the
+two alternating request by request, and prints the ratio, so the comparison does not depend on how busy the
+machine is. Where the sampling and likelihood solvers are the same, (a) draws and scores in one solve
+(`flownp.inference.one_solve`).
 """
 
 from __future__ import annotations
@@ -59,27 +61,31 @@ def main() -> None:
     pick = lambda spec, kind, fb: lm.solver(kind, parse_solver(fb)) if spec == "model" else parse_solver(spec)  # noqa: E731
     solver, ll_solver = pick(a.solver, "sample", "euler:8"), pick(a.ll_solver, "log_likelihood", "midpoint:2")
 
-    def timed(fn) -> list[float]:
-        fn()  # warm-up
-        out = []
+    def timed(*fns) -> list[list[float]]:
+        """Wall times of each fn over `repeats` rounds, the fns alternating within a round (so a busy spell
+        of the machine falls on all of them alike and their ratio holds)."""
+        for fn in fns:
+            fn()  # warm-up
+        out: list[list[float]] = [[] for _ in fns]
         for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+            for fn, times in zip(fns, out):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
         return out
 
     def request(smp, lls):
-        return timed(lambda: extrapolate(lm, t, num_samples=a.samples, solver=smp, seed=0, with_ll=True,
-                                         ll_solver=lls, estimator="auto"))
+        return lambda: extrapolate(lm, t, num_samples=a.samples, solver=smp, seed=0, with_ll=True, ll_solver=lls,
+                                   estimator="auto")
 
-    req = request(solver, ll_solver)
-    vs = None
     if a.versus:
         vs_smp, vs_ll = (parse_solver(x) for x in a.versus.split(","))
-        vs = request(vs_smp, vs_ll)
-    ll = timed(lambda: log_likelihood(lm, t, solver=ll_solver, estimator="exact"))
-    base = timed(lambda: lm.model.task_transform(t.xc, t.yc, t.xt)) if getattr(lm.model, "has_task_transform",
-                                                                             False) else [0.0]
+        req, vs = timed(request(solver, ll_solver), request(vs_smp, vs_ll))
+    else:
+        (req,), vs = timed(request(solver, ll_solver)), None
+    (ll,) = timed(lambda: log_likelihood(lm, t, solver=ll_solver, estimator="exact"))
+    (base,) = timed(lambda: lm.model.task_transform(t.xc, t.yc, t.xt)) if getattr(lm.model, "has_task_transform",
+                                                                                False) else ([0.0],)
     med = statistics.median
     print(f"request: {n_ctx} context / {n_tgt} targets of the real map, {a.threads} threads, {a.repeats} repeats")
     print(f"(a) {a.samples} samples ({solver.describe()}) with log-likelihoods ({ll_solver.describe()}): "
