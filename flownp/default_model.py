@@ -68,10 +68,11 @@ SAMPLE_TOLERANCE = {"sp": 1e-3, "t2m": 1e-2, "u10": 1e-2, "v10": 1e-2}
 SAMPLE_RELATIVE_TOLERANCE = 0.05
 
 
-def _sample_cost(key: str) -> int:
-    """A sampling solver's key ("euler:8", "midpoint:4") -> its network evaluations."""
-    method, steps = key.split(":")
-    return NFE_PER_STEP[method] * int(steps)
+def _sample_cost(key: str) -> float:
+    """A sampling solver's key ("euler:8", "midpoint:4") -> its network evaluations (inf for one whose cost is
+    not known before the solve: an adaptive one is never a default)."""
+    method, _, steps = key.partition(":")
+    return NFE_PER_STEP[method] * int(steps) if method in NFE_PER_STEP and steps.isdigit() else float("inf")
 
 
 def sample_tolerances(regimes: list[str], model_rmse: dict[str, dict[str, float]] | None = None,
@@ -83,8 +84,8 @@ def sample_tolerances(regimes: list[str], model_rmse: dict[str, dict[str, float]
     out = {}
     for regime in regimes:
         rmse = (model_rmse or {}).get(regime)
-        out[regime] = ({v: rel_tol * rmse[v] * abs(BY_NAME[v].scale) for v in SAMPLE_TOLERANCE} if rmse
-                       else dict(SAMPLE_TOLERANCE))
+        out[regime] = {v: rel_tol * rmse[v] * abs(BY_NAME[v].scale) if rmse and rmse.get(v) else t
+                       for v, t in SAMPLE_TOLERANCE.items()}
     return out
 
 
@@ -113,7 +114,8 @@ def choose_solvers(study: dict[str, Any], ll_tol: float = LL_TOLERANCE,
     ll_keys = sorted({s for r in regimes.values() for s in r.get("ll_max_abs_error", {})},
                      key=lambda s: sum(r["ll_seconds_per_task"].get(s, float("inf")) for r in regimes.values()))
     ll = next((s for s in ll_keys if ok_ll(s)), None)
-    meets = [k for k in {k for r in regimes.values() for k in r.get("sample_rmse", {})} if worst(k) <= 1.0]
+    meets = [k for k in {k for r in regimes.values() for k in r.get("sample_rmse", {})}
+             if worst(k) <= 1.0 and _sample_cost(k) < float("inf")]
     # at the fewest evaluations: the likelihood solver itself if it qualifies (a request's samples are then
     # scored in the solve that draws them, flownp.inference.one_solve: no separate sampling pass), else the
     # sampler furthest within its tolerance
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.real_map is not None:
             man["real_map"] = real_map_summary(json.loads(args.real_map.read_text()))
         man["solvers"] = choose_solvers(json.loads(args.study.read_text()), model_rmse=model_rmse(man.get("real_map")))
+        if man["solvers"] is None:
+            raise SystemExit(f"{args.study}: no regimes measured; the manifest is left as it was")
         with atomic_path(man_path) as tmp:
             tmp.write_text(json.dumps(man, indent=2) + "\n")
         print(json.dumps(man["solvers"], indent=2))

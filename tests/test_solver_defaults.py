@@ -85,9 +85,11 @@ def test_the_shipped_defaults_hold_on_a_fresh_task() -> None:
     xc, yc, xt, yt, tr, g = _fresh_task(lm)
     n_tgt = xt.shape[1]
     assert _ll_error(lm.model, xc, yc, xt, yt, tr, parse_solver(man["log_likelihood"])) <= LL_TOLERANCE
-    if man["sample"] is None:  # no Euler step count met the tolerance on the real map: all of them on record
+    tol = man["tolerances"]["sample_rmse_model_units"]
+    per_regime = tol if "dense" in tol else {"dense": tol, "sparse": tol}  # relative (per regime) or absolute
+    if man["sample"] is None:  # no sampler met its tolerance on the real map: all of them on record
         rows = man["measured"]["sample_rmse_all"]
-        assert all(any(r[k][v] > SAMPLE_TOLERANCE[v] for r in rows.values() for v in SAMPLE_TOLERANCE)
+        assert all(any(r[k][v] > per_regime[g][v] for g, r in rows.items() for v in SAMPLE_TOLERANCE)
                    for k in rows["dense"]), rows
         return
     y0 = torch.randn(1, 4, n_tgt, 4, generator=g)
@@ -96,10 +98,11 @@ def test_the_shipped_defaults_hold_on_a_fresh_task() -> None:
                transform=tr).samples
     std = np.asarray(lm.normalizer.std)  # normalised -> model units per variable
     rmse = ((a - b).pow(2).mean((0, 1, 2)).sqrt().numpy() * std)
-    tol = man["tolerances"]["sample_rmse_model_units"]
-    if "dense" in tol:  # per regime (relative to the model's RMSE there): the regime of this context size
-        real = read_manifest()["real_map"]
-        tol = next(tol[k] for k in tol if real[k]["n_ctx"][0] <= xc.shape[1] <= real[k]["n_ctx"][1])
+    # the tolerance of the regime of this context size (80 points: sparse, 50-300), the tightest outside both
+    real = read_manifest()["real_map"]
+    inside = [g for g in per_regime if g in real and real[g]["n_ctx"][0] <= xc.shape[1] <= real[g]["n_ctx"][1]]
+    tol = (per_regime[inside[0]] if inside else
+           {v: min(r[v] for r in per_regime.values()) for v in SAMPLE_TOLERANCE})
     for v, r in zip(SAMPLE_TOLERANCE, rmse):
         assert r <= tol[v], (v, r, tol[v])
 

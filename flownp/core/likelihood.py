@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flownp.core.sampling import expand_samples, task_transform
-from flownp.core.solvers import AugmentedField, SolverConfig, solve
+from flownp.core.solvers import FIXED, AugmentedField, SolverConfig, solve
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 JacobianFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -263,12 +263,16 @@ def sample_log_likelihood(model: Any, xc: torch.Tensor, yc: torch.Tensor, xt: to
     """Samples from the noise y0 (B, S, n_tgt, D) of the B tasks xc, yc, xt (normalised) and their log p, from
     ONE solve from t = 0 to 1 of the state and its divergence (the midpoint method evaluates the divergence at
     its second stages only): -> (samples (B, S, n_tgt, D) normalised, a result over B * S rows, sample index
-    fastest). The samples are those `flownp.core.sampling.sample` draws from y0 with this solver; log p is
-    the same quantity `samples_log_likelihood` integrates backwards from them, to the solver's error. Only for
-    `is_one_flow` models (else ValueError)."""
+    fastest). The samples are those `flownp.core.sampling.sample` draws from y0 with this solver, to float
+    rounding (a pointwise model's state derivative here comes from its tangent pass, not the fused attention
+    kernel); log p is the same quantity `samples_log_likelihood` integrates backwards from them, to the solver's
+    error. Only for `is_one_flow` models and fixed-step solvers (else ValueError)."""
     if not is_one_flow(model):
         raise ValueError("one-solve sampling with likelihoods needs a single FlowNP flow (no GAV residual, LFM "
                          "or distilled maps): sample, then score with samples_log_likelihood")
+    if solver.method not in FIXED or solver.adjoint:
+        raise ValueError(f"one-solve sampling with likelihoods needs a fixed-step solver {FIXED} (an adaptive one "
+                         f"would control its steps on the log-density too and draw other samples), got {solver.method!r}")
     estimator = resolve_estimator(model.config.targets == "independent", estimator)
     check_estimator(estimator, n_probes)
     b, s, n, d = y0.shape
