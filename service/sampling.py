@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flownp.core.solvers import SolverConfig
-from flownp.inference import LoadedModel
+from flownp.inference import LoadedModel, one_solve
 from flownp.samplers import Plan, SamplerError, scoring
 from service.admission import request_cost
 from service.errors import ApiError
@@ -48,10 +48,12 @@ class Sampling:
     def cost(self, *, n_ctx: int, n_tgt: int, num_samples: int, with_ll: bool, estimator: str, n_probes: int,
              gp_base: bool) -> int:
         """service.admission.request_cost of this plan: the sampler's evaluations (blocks x steps, or maps) and
-        the likelihood through the scorer's flows."""
+        the likelihood through the scorer's flows; where one solve draws and scores (`one_solve`), the
+        likelihood's evaluations alone."""
         p = self.plan
+        one = with_ll and one_solve(p, self.solver, self.ll_solver)
         return request_cost(n_ctx=n_ctx, n_tgt=n_tgt, num_samples=num_samples, solver=self.solver.method,
-                            steps=self.solver.steps, ll_solver=self.ll_solver.method if with_ll else None,
+                            steps=0 if one else self.solver.steps, ll_solver=self.ll_solver.method if with_ll else None,
                             ll_steps=self.ll_solver.steps, estimator=estimator, n_probes=n_probes, gp_base=gp_base,
                             blocks=p.blocks, maps=p.maps, ll_blocks=p.ll_blocks)
 

@@ -223,6 +223,16 @@ def test_a_distilled_request_costs_less_than_its_teachers_ode_request(teacher):
     assert with_ll(taught) - cost(taught) == pytest.approx(with_ll(distilled) - cost(distilled), abs=2)
 
 
+
+def test_a_request_drawn_and_scored_in_one_solve_is_charged_its_likelihood_solve_alone():
+    lm = loaded("flownp")
+    cost = lambda s, ll: s.cost(**BASE, with_ll=ll, estimator="exact-blocks", n_probes=1, gp_base=False)  # noqa: E731
+    one = sampling_for(lm, None, "midpoint", 4, "midpoint", 4, 64)
+    apart = sampling_for(lm, None, "euler", 8, "midpoint", 4, 64)  # the same 8 sampling evaluations
+    assert cost(one, False) == cost(apart, False)
+    assert cost(apart, True) - cost(one, True) == pytest.approx(cost(apart, False) - request_cost(
+        **BASE, solver="euler", steps=0), rel=0.05)  # the sampling pass, no longer charged
+
 # ---- the OpenAPI document tells the truth about these answers ----------------------------------------
 def test_the_answers_of_every_kind_match_the_documented_schemas(client):
     """The schemathesis run (tests/test_service_openapi.py) serves the default FlowNP only: here the
