@@ -34,12 +34,13 @@ _MAD_TO_STD = 1.4826
 KERNELS = ("se", "matern52", "matern32")
 
 
-def kernel(d2: torch.Tensor, ell: torch.Tensor, kind: str) -> torch.Tensor:
+def kernel(d2: torch.Tensor, ell: torch.Tensor, kind: str, dist: torch.Tensor | None = None) -> torch.Tensor:
     """Unit-variance stationary kernel of squared distances d2 (..., n, m) at length scales ell
-    (broadcast to (..., 1, 1))."""
+    (broadcast to (..., 1, 1)); `dist`: their square roots (`distances(d2)`), when already computed for
+    several kernels or length scales."""
     if kind == "se":
         return torch.exp(-0.5 * d2 / ell**2)
-    r = torch.sqrt(d2.clamp_min(0) + 1e-30) / ell
+    r = (distances(d2) if dist is None else dist) / ell
     if kind == "matern52":
         a = math.sqrt(5.0) * r
         return (1 + a + a * a / 3) * torch.exp(-a)
@@ -47,6 +48,11 @@ def kernel(d2: torch.Tensor, ell: torch.Tensor, kind: str) -> torch.Tensor:
         a = math.sqrt(3.0) * r
         return (1 + a) * torch.exp(-a)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kind!r}")
+
+
+def distances(d2: torch.Tensor) -> torch.Tensor:
+    """Distances from squared distances (a tiny offset keeps the Matern kernels' gradient finite at 0)."""
+    return torch.sqrt(d2.clamp_min(0) + 1e-30)
 
 
 def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,6 +111,7 @@ def fit_hyper(xc: torch.Tensor, zc: torch.Tensor, st: GPFitSettings) -> GPHyper:
     z = torch.gather(zc.double(), 1, idx[..., None].expand(-1, -1, zc.shape[-1]))  # (B, m, D)
     b, m, d = z.shape
     d2 = _sqdist(x, x)  # (B, m, m)
+    dist = distances(d2)
     ells = torch.logspace(math.log10(st.ell_min), math.log10(st.ell_max), st.n_ell, dtype=torch.float64,
                           device=xc.device)
     rs = torch.tensor(st.noise_ratios, dtype=torch.float64, device=xc.device)
@@ -114,7 +121,7 @@ def fit_hyper(xc: torch.Tensor, zc: torch.Tensor, st: GPFitSettings) -> GPHyper:
     zr = z[:, None].expand(-1, len(rs), -1, -1)  # (B, R, m, D)
     for ki, kind in enumerate(st.kernels):
         for ell in ells:
-            rr = kernel(d2, ell, kind)[:, None] + rs.view(1, -1, 1, 1) * eye  # (B, R, m, m)
+            rr = kernel(d2, ell, kind, dist)[:, None] + rs.view(1, -1, 1, 1) * eye  # (B, R, m, m)
             chol, info = torch.linalg.cholesky_ex(rr)
             alpha = torch.linalg.solve_triangular(chol, zr, upper=False)  # (B, R, m, D)
             s2 = (alpha.pow(2).sum(-2) / m).clamp_min(S2_FLOOR)  # (B, R, D)
@@ -174,14 +181,15 @@ def gp_posterior(xc: torch.Tensor, zc: torch.Tensor, xt: torch.Tensor, hyp: GPHy
     mu = torch.empty((b, nt, d), dtype=torch.float64, device=xc.device)
     cov = torch.empty((b, d, nt, nt), dtype=torch.float64, device=xc.device)
     for i in range(b):  # each (task, variable) has its own kernel: evaluate only that one
+        rcc, rtc, rtt = distances(dcc[i]), distances(dtc[i]), distances(dtt[i])  # shared by the D variables
         for j in range(d):
             kind, ell = st.kernels[int(hyp.kind[i, j])], hyp.ell[i, j]
             s2, noise = hyp.s2[i, j], hyp.noise[i, j]
-            chol = _cholesky(s2 * kernel(dcc[i], ell, kind) + noise * eye_c)
-            kt = s2 * kernel(dtc[i], ell, kind)  # (nt, n)
+            chol = _cholesky(s2 * kernel(dcc[i], ell, kind, rcc) + noise * eye_c)
+            kt = s2 * kernel(dtc[i], ell, kind, rtc)  # (nt, n)
             mu[i, :, j] = (kt @ torch.cholesky_solve(zc[i, :, j, None], chol)).squeeze(-1)
             v = torch.linalg.solve_triangular(chol, kt.T, upper=False)  # (n, nt)
-            cov[i, j] = s2 * kernel(dtt[i], ell, kind) + noise * eye_t - v.T @ v
+            cov[i, j] = s2 * kernel(dtt[i], ell, kind, rtt) + noise * eye_t - v.T @ v
     cov = 0.5 * (cov + cov.transpose(-1, -2))
     if whitening == "diagonal":
         sd = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(1e-12 * hyp.s2[..., None]).sqrt()
