@@ -4,9 +4,9 @@ noise (t = 0): log p1(y1) = log N(y0; 0, I) - int_0^1 div v(t, y_t) dt.
 Divergence: "exact-blocks" (exact when every target's flow depends only on itself and the context, i.e.
 targets="independent": the trace of each target's y_dim x y_dim Jacobian block, from forward tangents
 where the model offers them (`FlowNP.velocity_jacobian`, arch='pointwise'), else y_dim VJPs with one-hot
-cotangents), "exact-full" (one VJP per
-target element; exact for any model, for small sets), or "hutchinson" (n Rademacher or Gaussian probes,
-seeded and held fixed along the path; the spread over probes is reported).
+cotangents), "exact-full" (one VJP per target element; exact for any model, for small sets), or
+"hutchinson" (n Rademacher or Gaussian probes, seeded and held fixed along the path; the spread over probes
+is reported).
 Units: nats in normalised model space; `physical` subtracts n_tgt * sum(log std).
 """
 
@@ -38,6 +38,8 @@ class Velocity:
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.fn(t, y)
+
+
 ESTIMATORS = ("exact-blocks", "exact-full", "hutchinson")
 
 
